@@ -1,0 +1,1 @@
+complete --command e4t --no-files --arguments "(env _E4T_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) e4t)" --condition "env _E4T_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) e4t"

@@ -1,0 +1,3 @@
+from e4tcli.cli import main
+
+main()

@@ -1,0 +1,374 @@
+"""The library entry points behind `e4t pretrain`, `e4t tune` and `e4t generate`.
+
+Each takes a dataclass of options and a Domain (from the registry, or built
+by hand), and returns a result dataclass; none prints. ``on_step`` callbacks
+receive (step, losses) for progress display.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from e4tcli import __version__
+from e4tcli.domain import PLACEHOLDER, Domain
+from e4tcli.errors import UsageError
+
+OnStep = Optional[Callable[[int, object], None]]
+
+
+# --------------------------------------------------------------------------- pretrain
+@dataclass
+class PretrainOptions:
+    data: str
+    out: str
+    base_model: Optional[str] = None
+    backbone: Optional[str] = None
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+    resolution: Optional[int] = None
+    seed: int = 0
+    offsets: str = "paper"
+    offset_rank: int = 4
+    encoder_hidden_dim: int = 768
+    device: Optional[str] = None
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PretrainResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    losses: list = field(repr=False)
+    skipped_images: int = 0
+
+
+def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -> PretrainResult:
+    from e4tcli.device import choose_placement
+    from e4tcli.io.checkpoint import save_checkpoint
+    from e4tcli.models.e4t import E4TModel, unet_channels
+    from e4tcli.models.encoder import EncoderConfig
+    from e4tcli.models.loading import load_backbone, load_base_model
+    from e4tcli.models.weight_offsets import OffsetConfig
+    from e4tcli.training.pretrain import PretrainSettings, pretrain_domain
+
+    start = time.perf_counter()
+    dataset = domain.dataset(options.data)
+    placement = choose_placement(options.device, options.precision)
+    base = load_base_model(options.base_model or domain.base_model, placement.device, placement.dtype)
+    backbone = load_backbone(options.backbone or domain.backbone, placement.device, placement.dtype)
+    vision = backbone.model.config
+    encoder_config = EncoderConfig(
+        backbone_hidden_size=vision.hidden_size,
+        backbone_layers=EncoderConfig.every_second_layer(vision.num_hidden_layers),
+        unet_channels=unet_channels(base.unet),
+        embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1],
+        hidden_dim=options.encoder_hidden_dim,
+    )
+    offset_config = OffsetConfig(kind=options.offsets, rank=options.offset_rank)
+    model = E4TModel(base, domain.class_word, encoder_config, offset_config, placement)
+    if options.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    defaults = domain.pretrain
+    settings = PretrainSettings(
+        steps=options.steps or defaults.steps,
+        learning_rate=options.learning_rate or defaults.learning_rate,
+        batch_size=options.batch_size or defaults.batch_size,
+        resolution=options.resolution or defaults.resolution,
+        lambda_emb=defaults.lambda_emb,
+        lambda_weights=domain.lambda_weights,
+        seed=options.seed,
+    )
+    losses = pretrain_domain(
+        model, backbone, dataset, domain.prompt_templates, settings, training_scheduler(base), on_step=on_step
+    )
+    config = {
+        "domain": domain.name,
+        "class_word": domain.class_word,
+        "base_model": {"source": base.source, "fingerprint": base.fingerprint},
+        "backbone": {"source": backbone.source, "fingerprint": backbone.fingerprint},
+        **model.describe(),
+        "training": {**asdict(settings), "precision": options.precision, "data": str(options.data)},
+        "step": settings.steps,
+        "e4t_version": __version__,
+    }
+    save_checkpoint(Path(options.out), config, model.trainable_state_dict())
+    skipped = len(getattr(dataset, "skipped", []))
+    return PretrainResult(Path(options.out), settings.steps, time.perf_counter() - start, losses, skipped)
+
+
+# --------------------------------------------------------------------------- tune
+@dataclass
+class TuneOptions:
+    image: str
+    checkpoint: Optional[str] = None
+    out: Optional[str] = None
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+    resolution: Optional[int] = None
+    seed: int = 0
+    base_model: Optional[str] = None
+    device: Optional[str] = None
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TuneResult:
+    concept: Path
+    size_bytes: int
+    steps: int
+    seconds: float
+    seed: int
+    losses: list = field(repr=False)
+
+
+def load_user_image(path: str):
+    from e4tcli.datasets import load_rgb
+
+    if not Path(path).is_file():
+        raise UsageError(f"image not found: {path}", hint="pass the path of a jpg, png or webp file")
+    try:
+        return load_rgb(path)
+    except Exception as error:
+        raise UsageError(
+            f"cannot read {path} as an image ({type(error).__name__})", hint="pass a jpg, png or webp file"
+        ) from None
+
+
+def resolve_checkpoint(domain: Domain, checkpoint: Optional[str]) -> Path:
+    source = checkpoint or domain.checkpoint
+    if source is None:
+        raise UsageError(
+            f"domain '{domain.name}' has no published checkpoint",
+            hint=f"pass --checkpoint DIR (make one with 'e4t pretrain --domain {domain.name} --data ... --out DIR')",
+        )
+    if Path(source).exists():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source))
+    except Exception as error:
+        raise UsageError(
+            f"domain checkpoint '{source}' is neither a folder nor a downloadable hub id ({type(error).__name__})",
+            hint="pass --checkpoint a folder written by 'e4t pretrain'",
+        ) from None
+
+
+def check_same(kind: str, recorded: dict, actual_source: str, actual_fingerprint: str, flag: str) -> None:
+    if recorded["fingerprint"] != actual_fingerprint:
+        raise UsageError(
+            f"{kind} mismatch: made with '{recorded['source']}' (fingerprint {recorded['fingerprint']}), "
+            f"but '{actual_source}' has fingerprint {actual_fingerprint}",
+            hint=f"use {flag} '{recorded['source']}' (the {kind} it was made with)",
+        )
+
+
+def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneResult:
+    from e4tcli.device import choose_placement
+    from e4tcli.io.checkpoint import load_checkpoint
+    from e4tcli.io.concept import save_concept
+    from e4tcli.models.e4t import E4TModel
+    from e4tcli.models.encoder import EncoderConfig
+    from e4tcli.models.loading import backbone_features, load_backbone, load_base_model
+    from e4tcli.models.weight_offsets import OffsetConfig
+    from e4tcli.training.images import square_resize
+    from e4tcli.training.tune import TuneSettings, tune_concept
+
+    start = time.perf_counter()
+    image = load_user_image(options.image)
+    out = Path(options.out) if options.out else Path(options.image).with_suffix(".e4t.safetensors")
+    if out.suffix != ".safetensors":
+        raise UsageError(f"concept files end in .safetensors, got '{out}'", hint="pass --out NAME.safetensors")
+    checkpoint_dir = resolve_checkpoint(domain, options.checkpoint)
+    checkpoint = load_checkpoint(checkpoint_dir)
+    config = checkpoint.config
+    if config["domain"] != domain.name:
+        raise UsageError(
+            f"checkpoint {checkpoint_dir} was pre-trained for domain '{config['domain']}', not '{domain.name}'",
+            hint=f"pass --domain {config['domain']}, or a checkpoint of domain '{domain.name}'",
+        )
+    if domain.preprocess is not None:
+        image = domain.preprocess(image)
+
+    placement = choose_placement(options.device, options.precision)
+    base = load_base_model(options.base_model or config["base_model"]["source"], placement.device, placement.dtype)
+    check_same("base model", config["base_model"], base.source, base.fingerprint, "--base-model")
+    backbone = load_backbone(config["backbone"]["source"], placement.device, placement.dtype)
+    check_same("image backbone", config["backbone"], backbone.source, backbone.fingerprint, "the backbone")
+    encoder_config = EncoderConfig.from_dict(config["encoder"])
+    model = E4TModel(base, domain.class_word, encoder_config, OffsetConfig(**config["offsets"]), placement)
+    model.load_trainable_state_dict(checkpoint.tensors)
+    if options.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+    resolution = options.resolution or config["training"]["resolution"]
+    square = square_resize(image, resolution)
+    features = backbone_features(backbone, [square], encoder_config.backbone_layers)
+    defaults = domain.tune
+    settings = TuneSettings(
+        steps=options.steps if options.steps is not None else defaults.steps,
+        learning_rate=options.learning_rate or defaults.learning_rate,
+        batch_size=options.batch_size or defaults.batch_size,
+        resolution=resolution,
+        lambda_emb=defaults.lambda_emb,
+        lambda_weights=domain.lambda_weights,
+        seed=options.seed,
+    )
+    mask = domain.loss_mask(image) if domain.loss_mask is not None else None
+    losses = tune_concept(
+        model, square, features, domain.prompt_templates, settings, training_scheduler(base), mask, on_step
+    )
+    info = {
+        "domain": domain.name,
+        "class_word": domain.class_word,
+        "token": PLACEHOLDER,
+        "base_model": config["base_model"] | {"source": base.source},
+        "backbone": config["backbone"],
+        "checkpoint": {"source": str(checkpoint_dir), "fingerprint": checkpoint.fingerprint},
+        **model.describe(),
+        "tuning": asdict(settings),
+        "image": Path(options.image).name,
+        "e4t_version": __version__,
+    }
+    tensors = {**model.concept_state_dict(), "image_features": features[0].cpu()}
+    size = save_concept(out, tensors, info)
+    return TuneResult(out, size, settings.steps, time.perf_counter() - start, options.seed, losses)
+
+
+# --------------------------------------------------------------------------- generate
+@dataclass
+class GenerateOptions:
+    concept: str
+    prompt: str
+    num_images: int = 1
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    height: Optional[int] = None
+    width: Optional[int] = None
+    out: str = "outputs"
+    base_model: Optional[str] = None
+    device: Optional[str] = None
+    precision: str = "auto"
+
+
+@dataclass
+class GenerateResult:
+    images: list[Path]
+    grid: Optional[Path]
+    seconds: float
+    seed: int
+
+
+def load_concept_model(concept_path: str, base_model: Optional[str], placement):
+    """A base model with a concept applied, and the concept itself."""
+    from e4tcli.io.concept import load_concept
+    from e4tcli.models.e4t import E4TModel
+    from e4tcli.models.encoder import EncoderConfig
+    from e4tcli.models.loading import load_base_model
+    from e4tcli.models.weight_offsets import OffsetConfig
+
+    concept = load_concept(Path(concept_path))
+    info = concept.info
+    base = load_base_model(base_model or info["base_model"]["source"], placement.device, placement.dtype)
+    check_same("base model", info["base_model"], base.source, base.fingerprint, "--base-model")
+    encoder_config = EncoderConfig.from_dict(info["encoder"])
+    model = E4TModel(
+        base, info["class_word"], encoder_config, OffsetConfig(**info["offsets"]), placement, concept.model_tensors()
+    )
+    return model, concept
+
+
+def generate(options: GenerateOptions) -> GenerateResult:
+    from e4tcli.device import choose_placement
+    from e4tcli.io.atomic import atomic_file
+    from e4tcli.pipeline import SamplingSettings, generate_images, image_grid
+
+    start = time.perf_counter()
+    for name in ("num_images", "steps"):
+        if getattr(options, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    placement = choose_placement(options.device, options.precision)
+    model, concept = load_concept_model(options.concept, options.base_model, placement)
+    resolution = concept.info["tuning"]["resolution"]
+    settings = SamplingSettings(
+        prompt=options.prompt,
+        negative_prompt=options.negative_prompt,
+        num_images=options.num_images,
+        seed=options.seed,
+        steps=options.steps,
+        guidance=options.guidance,
+        height=options.height or resolution,
+        width=options.width or resolution,
+    )
+    if settings.height % 8 or settings.width % 8:
+        raise UsageError(f"--height and --width must be multiples of 8 (got {settings.height}x{settings.width})")
+    images = generate_images(model, concept.image_features, settings)
+
+    out = Path(options.out)
+    stem = Path(options.concept).name.removesuffix(".safetensors").removesuffix(".e4t")
+    metadata = png_metadata(settings, concept, model.base.source)
+    paths = []
+    for i, image in enumerate(images):
+        path = out / f"{stem}-{settings.seed + i}.png"
+        with atomic_file(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=png_info(metadata | {"seed": str(settings.seed + i)}))
+        paths.append(path)
+    grid = None
+    if len(images) > 1:
+        grid = out / f"{stem}-{settings.seed}-grid.png"
+        with atomic_file(grid) as tmp:
+            image_grid(images).save(tmp, format="PNG", pnginfo=png_info(metadata))
+    return GenerateResult(paths, grid, time.perf_counter() - start, settings.seed)
+
+
+def png_metadata(settings, concept, base_source: str) -> dict[str, str]:
+    parameters = (
+        f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\n"
+        f"Steps: {settings.steps}, CFG scale: {settings.guidance:g}, Seed: {settings.seed}, "
+        f"Size: {settings.width}x{settings.height}, Model: {base_source}, e4t concept: {concept.path.name}"
+    )
+    return {
+        "prompt": settings.prompt,
+        "negative_prompt": settings.negative_prompt,
+        "seed": str(settings.seed),
+        "steps": str(settings.steps),
+        "guidance": f"{settings.guidance:g}",
+        "size": f"{settings.width}x{settings.height}",
+        "concept": concept.path.name,
+        "concept_domain": concept.info["domain"],
+        "base_model": base_source,
+        "e4t_version": __version__,
+        "parameters": parameters,
+    }
+
+
+def png_info(metadata: dict[str, str]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_itxt(key, value)
+    return info
+
+
+# --------------------------------------------------------------------------- shared
+def training_scheduler(base):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(base.scheduler_config)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    model.unet.enable_gradient_checkpointing()
+    model.unet.train()
+    if hasattr(model.text_encoder, "gradient_checkpointing_enable"):
+        model.text_encoder.gradient_checkpointing_enable()
+        model.text_encoder.train()

@@ -1,0 +1,105 @@
+"""Everything the CLI prints goes through here: plain when not a terminal.
+
+With no terminal (pipes, CI) there is no colour and no box drawing; with
+``--json`` a command prints exactly one JSON object on stdout.
+"""
+
+import functools
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable, Iterable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from e4tcli.errors import EXIT_FAILURE, E4TError
+from e4tcli.plugins import DomainRegistry, debug_enabled, load_registry
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    stderr_console().print(f"e4t: warning: {message}", markup=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def print_table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: Optional[str] = None) -> None:
+    """A rich table on a terminal; aligned plain columns (never wrapped) otherwise."""
+    rows = [["" if value is None else str(value) for value in row] for row in rows]
+    console = stdout_console()
+    if console.is_terminal:
+        table = Table(title=title, header_style="bold")
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    lines = [list(columns)] + [[cell.replace("\n", ", ") for cell in row] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        sys.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
+
+
+_registry: Optional[DomainRegistry] = None
+
+
+def registry() -> DomainRegistry:
+    """The domain registry, loaded once per process; plugin problems are warned about once."""
+    global _registry
+    if _registry is None:
+        _registry = load_registry()
+        if not any(key.endswith("_COMPLETE") and key.startswith("_E4T") for key in os.environ):
+            for problem in _registry.problems:
+                warn(problem + ("" if debug_enabled() else " (E4T_DEBUG=1 shows the traceback)"))
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget the loaded registry (tests use it after changing plugins or the environment)."""
+    global _registry
+    _registry = None
+
+
+def fail(error: E4TError) -> typer.Exit:
+    stderr_console().print(f"e4t: error: {error}", markup=False)
+    return typer.Exit(error.exit_code)
+
+
+def reports_errors(command: Callable) -> Callable:
+    """Turn expected failures into one line and an exit code; no traceback unless E4T_DEBUG=1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except E4TError as error:
+            if debug_enabled():
+                traceback.print_exc()
+            raise fail(error) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            if debug_enabled():
+                raise
+            stderr_console().print(
+                f"e4t: error: unexpected {type(error).__name__}: {error} "
+                "(E4T_DEBUG=1 shows the traceback; please report it)",
+                markup=False,
+            )
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper

@@ -1,0 +1,112 @@
+"""What a domain is: the record a plugin registers. Torch-free by design."""
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
+
+PLACEHOLDER = "S*"
+"""The pseudo-word that stands for the personalized concept in prompts."""
+
+
+@dataclass(frozen=True)
+class PhaseDefaults:
+    """Default hyper-parameters of one phase (pre-training or tuning)."""
+
+    steps: int
+    learning_rate: float
+    batch_size: int
+    resolution: int
+    lambda_emb: float
+    """Weight of ``||offset||^2``, the encoder-output regulariser."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A family of concepts (faces, cats, art styles...) e4t can personalize.
+
+    Every callable is a *factory*: e4t calls it when it needs the object, so
+    that registering a domain stays free of torch and other heavy imports.
+    """
+
+    name: str
+    description: str
+    class_word: str
+    """A single CLIP token naming the coarse class ("face", "cat", "painting")."""
+    prompt_templates: tuple[str, ...]
+    """Training prompts, each containing the placeholder ``S*``."""
+    base_model: str
+    """Default text-to-image model: a hub id or a local diffusers folder."""
+    backbone: str
+    """Default CLIP vision tower for the encoder: a hub id or a local folder."""
+    pretrain: PhaseDefaults
+    tune: PhaseDefaults
+    lambda_weights: float
+    """Weight of ``||dW||^2``, the weight-offset regulariser."""
+    dataset: Callable[..., Any]
+    """``dataset(path) -> sequence of RGB PIL images`` for this domain's data."""
+    preprocess: Optional[Callable[[Any], Any]] = None
+    """``preprocess(PIL image) -> PIL image`` applied to the user's image before tuning."""
+    loss_mask: Optional[Callable[[Any], Any]] = None
+    """``loss_mask(PIL image) -> PIL "L" image`` weighting the loss (e.g. the face region)."""
+    checkpoint: Optional[str] = None
+    """Where the pre-trained domain checkpoint lives (hub id or folder), if published."""
+    extra: dict = field(default_factory=dict)
+    """Free-form defaults a plugin wants to carry (shown by ``e4t domains show``)."""
+
+    def defaults(self) -> dict:
+        """Every default as plain data (for display and JSON)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, PhaseDefaults):
+                value = {g.name: getattr(value, g.name) for g in fields(value)}
+            elif callable(value):
+                value = f"{value.__module__}.{getattr(value, '__qualname__', repr(value))}"
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def validate_domain(domain: Any) -> list[str]:
+    """Every problem that makes ``domain`` unusable; an empty list when it is fine."""
+    from e4tcli.vocab import is_single_clip_token
+
+    if not isinstance(domain, Domain):
+        return [f"expected an e4tcli.Domain, got {type(domain).__name__}"]
+    problems = []
+    for name in ("name", "description", "class_word", "base_model", "backbone"):
+        value = getattr(domain, name)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"missing field '{name}'")
+    if isinstance(domain.name, str) and domain.name.strip():
+        if not domain.name.replace("-", "").replace("_", "").isalnum() or domain.name != domain.name.lower():
+            problems.append(f"domain name '{domain.name}' must be lowercase letters, digits, '-' or '_'")
+    if isinstance(domain.class_word, str) and domain.class_word.strip():
+        if not is_single_clip_token(domain.class_word):
+            problems.append(
+                f"class word '{domain.class_word}' is not a single CLIP token; choose one word of the CLIP vocabulary"
+            )
+    templates = domain.prompt_templates
+    if not templates or isinstance(templates, str):
+        problems.append("missing field 'prompt_templates' (a tuple of prompts containing 'S*')")
+    else:
+        for template in templates:
+            if PLACEHOLDER not in template:
+                problems.append(f"prompt template '{template}' does not contain '{PLACEHOLDER}'")
+    for phase_name in ("pretrain", "tune"):
+        phase = getattr(domain, phase_name)
+        if not isinstance(phase, PhaseDefaults):
+            problems.append(f"missing field '{phase_name}' (a PhaseDefaults)")
+            continue
+        for f in fields(phase):
+            value = getattr(phase, f.name)
+            if not isinstance(value, (int, float)) or value < 0 or (value == 0 and f.name != "lambda_emb"):
+                problems.append(f"{phase_name}.{f.name} must be a positive number, got {value!r}")
+    if not isinstance(domain.lambda_weights, (int, float)) or domain.lambda_weights < 0:
+        problems.append(f"lambda_weights must be a non-negative number, got {domain.lambda_weights!r}")
+    if not callable(domain.dataset):
+        problems.append("missing field 'dataset' (a callable: path -> images)")
+    for name in ("preprocess", "loss_mask"):
+        if getattr(domain, name) is not None and not callable(getattr(domain, name)):
+            problems.append(f"'{name}' must be callable or None")
+    return problems

@@ -1,0 +1,1 @@
+"""On-disk formats: domain checkpoints, concept files, exports. Safetensors + JSON only."""

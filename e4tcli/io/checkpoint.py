@@ -1,0 +1,66 @@
+"""Domain checkpoints: a folder with ``config.json`` and ``model.safetensors``.
+
+``config.json`` records the domain, the base model and backbone (source and
+content fingerprint), the encoder and offset configurations, every
+hyper-parameter and the step. ``model.safetensors`` holds the encoder and the
+weight offsets in their trainable parameterisation, so tuning continues from
+exactly where pre-training stopped. A checkpoint folder is always complete or
+absent (written under a temporary name, then renamed).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from e4tcli.errors import UsageError
+from e4tcli.io.atomic import atomic_folder
+from e4tcli.io.fingerprint import fingerprint_tensors
+
+FORMAT = "e4t-domain-checkpoint"
+VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class DomainCheckpoint:
+    config: dict[str, Any]
+    tensors: dict[str, Any]
+    fingerprint: str
+
+
+def save_checkpoint(folder: Path, config: dict[str, Any], tensors: dict[str, Any]) -> str:
+    """Write ``folder`` atomically; return the checkpoint's fingerprint."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    fingerprint = fingerprint_tensors(tensors)
+    full = {"format": FORMAT, "version": VERSION, **config, "fingerprint": fingerprint}
+    with atomic_folder(Path(folder)) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (tmp / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return fingerprint
+
+
+def load_checkpoint(folder: Path) -> DomainCheckpoint:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise UsageError(
+            f"no domain checkpoint at {folder} (expected {CONFIG_NAME} and {WEIGHTS_NAME})",
+            hint="pass --checkpoint a folder written by 'e4t pretrain'",
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{config_path} is not valid JSON ({error})", hint="re-create the checkpoint") from None
+    if config.get("format") != FORMAT:
+        raise UsageError(f"{folder} is not an e4t domain checkpoint", hint="pass a folder written by 'e4t pretrain'")
+    if config.get("version", 0) > VERSION:
+        raise UsageError(f"{folder} was written by a newer e4t (format {config['version']})", hint="upgrade e4t")
+    tensors = load_file(str(weights_path))
+    fingerprint = fingerprint_tensors(tensors)
+    return DomainCheckpoint(config, tensors, fingerprint)

@@ -1,0 +1,78 @@
+"""Concept files: ONE ``.safetensors`` per personalized concept.
+
+Tensors: the tuned encoder (``encoder.*``), each weight offset as its two
+thin factors (``offsets.<layer>.column`` and ``.row``; ``dW = column @ row.T``),
+and the backbone features of the reference image (``image_features``), so
+generation needs neither the image nor the backbone. The header's metadata
+holds the recipe: domain, class word, token, base model and domain
+checkpoint (source and fingerprint), encoder and offset configurations,
+tuning settings. Only safetensors is read: nothing is ever unpickled.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from e4tcli.errors import UsageError
+from e4tcli.io.atomic import atomic_file
+
+FORMAT = "e4t-concept"
+VERSION = 1
+SUFFIX = ".safetensors"
+
+
+@dataclass
+class Concept:
+    path: Path
+    info: dict[str, Any]
+    tensors: dict[str, Any]
+
+    @property
+    def image_features(self):
+        return self.tensors["image_features"]
+
+    def model_tensors(self) -> dict[str, Any]:
+        return {k: v for k, v in self.tensors.items() if k != "image_features"}
+
+
+def save_concept(path: Path, tensors: dict[str, Any], info: dict[str, Any]) -> int:
+    """Write the concept atomically; return its size in bytes."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {"format": FORMAT, "version": str(VERSION), "e4t": json.dumps(info, sort_keys=True)}
+    for key in ("domain", "class_word", "token"):
+        if key in info:
+            metadata[key] = str(info[key])
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return path.stat().st_size
+
+
+def read_concept_info(path: Path) -> dict[str, Any]:
+    """The concept's recipe from the safetensors header, without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"concept file not found: {path}", hint="pass the .safetensors file written by 'e4t tune'")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:
+        raise UsageError(
+            f"{path} is not a safetensors file ({type(error).__name__})", hint="pass a concept written by 'e4t tune'"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise UsageError(f"{path} is not an e4t concept", hint="pass a concept written by 'e4t tune'")
+    if int(metadata.get("version", "0")) > VERSION:
+        raise UsageError(f"{path} was written by a newer e4t", hint="upgrade e4t")
+    return json.loads(metadata["e4t"])
+
+
+def load_concept(path: Path) -> Concept:
+    from safetensors.torch import load_file
+
+    info = read_concept_info(path)
+    return Concept(Path(path), info, load_file(str(path)))

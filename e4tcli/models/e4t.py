@@ -1,0 +1,177 @@
+"""An E4T model: a base Stable Diffusion model with the encoder and weight offsets attached."""
+
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+
+from e4tcli.device import Placement
+from e4tcli.domain import PLACEHOLDER
+from e4tcli.errors import UsageError
+from e4tcli.models.encoder import E4TEncoder, EncoderConfig
+from e4tcli.models.loading import BaseModel
+from e4tcli.models.placeholder import PlaceholderEmbedding
+from e4tcli.models.weight_offsets import (
+    OffsetConfig,
+    add_weight_offsets,
+    offset_parameters,
+    offsets_squared_norm,
+)
+
+
+class _StopAfterMidBlock(Exception):
+    pass
+
+
+def unet_channels(unet) -> tuple[int, ...]:
+    """Channels of each pooled UNet feature the encoder reads: every down block, then the mid block."""
+    channels = tuple(unet.config.block_out_channels)
+    return channels + (channels[-1],)
+
+
+def _factors_by_layer(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    columns = {k.removeprefix("offsets.").removesuffix(".column"): v for k, v in tensors.items() if k.endswith(".column")}
+    rows = {k.removeprefix("offsets.").removesuffix(".row"): v for k, v in tensors.items() if k.endswith(".row")}
+    return {name: (columns[name].float(), rows[name].float()) for name in columns if name in rows}
+
+
+class E4TModel:
+    """Everything one training step or one sampling step needs.
+
+    The base model's weights are frozen and never modified: offsets wrap the
+    attention projections, and the placeholder wraps the token embedding.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        class_word: str,
+        encoder_config: EncoderConfig,
+        offset_config: OffsetConfig,
+        placement: Placement,
+        fixed_offsets: Optional[dict[str, torch.Tensor]] = None,
+    ):
+        """``fixed_offsets``: the tensors of a concept file (generation); otherwise offsets are trainable."""
+        self.base = base
+        self.placement = placement
+        self.tokenizer = base.tokenizer
+        self.text_encoder = base.text_encoder
+        self.vae = base.vae
+        self.unet = base.unet
+        self.class_word = class_word
+        self.encoder_config = encoder_config
+        self.offset_config = offset_config
+        self.encoder = E4TEncoder(encoder_config).to(placement.device)
+        factors = None
+        if fixed_offsets is not None:
+            factors = _factors_by_layer(fixed_offsets)
+            self.encoder.load_state_dict(
+                {k.removeprefix("encoder."): v for k, v in fixed_offsets.items() if k.startswith("encoder.")}
+            )
+        try:
+            self.offsets = add_weight_offsets(self.unet, offset_config, factors)
+        except KeyError as missing:
+            raise UsageError(
+                f"the concept has no weight offsets for layer {missing} of this base model",
+                hint="generate with the base model the concept was tuned on",
+            ) from None
+        for parameter in offset_parameters(self.offsets):
+            parameter.data = parameter.data.float()
+        self.placeholder = self._install_placeholder(class_word)
+
+    def _install_placeholder(self, class_word: str) -> PlaceholderEmbedding:
+        if PLACEHOLDER not in self.tokenizer.get_vocab():
+            self.tokenizer.add_tokens([PLACEHOLDER])
+        placeholder_id = self.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+        class_ids = self.tokenizer(class_word, add_special_tokens=False).input_ids
+        if len(class_ids) != 1:
+            raise UsageError(
+                f"class word '{class_word}' is {len(class_ids)} tokens for this base model's tokenizer",
+                hint="the domain's class word must be a single token",
+            )
+        embedding = self.text_encoder.get_input_embeddings()
+        if isinstance(embedding, PlaceholderEmbedding):
+            embedding = embedding.base
+        wrapper = PlaceholderEmbedding(embedding, placeholder_id, class_ids[0])
+        self.text_encoder.set_input_embeddings(wrapper)
+        return wrapper
+
+    # --- text -------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids.to(self.placement.device)
+
+    def encode_text(self, input_ids: torch.Tensor, concept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with self.placeholder.using(concept):
+            return self.text_encoder(input_ids)[0]
+
+    def class_embedding(self) -> torch.Tensor:
+        return self.placeholder.base.weight[self.placeholder.class_id].detach().float()
+
+    # --- encoder ----------------------------------------------------------
+    def unet_features(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        """Down-block and mid-block outputs of the UNet, mean-pooled: (B, sum of channels), no gradient."""
+        features = []
+
+        def grab(_module, _inputs, output):
+            output = output[0] if isinstance(output, tuple) else output
+            features.append(output.float().mean(dim=(2, 3)))
+
+        def grab_and_stop(module, inputs, output):
+            grab(module, inputs, output)
+            raise _StopAfterMidBlock
+
+        handles = [block.register_forward_hook(grab) for block in self.unet.down_blocks]
+        handles.append(self.unet.mid_block.register_forward_hook(grab_and_stop))
+        try:
+            with torch.no_grad():
+                self.unet(noisy, timesteps, encoder_hidden_states=text_states)
+        except _StopAfterMidBlock:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.cat(features, dim=-1)
+
+    def concept_embedding(
+        self, image_features: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, class_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S*, offset)`` for each batch element; ``S* = emb(class word) + s * offset``."""
+        features = self.unet_features(noisy, timesteps, class_states)
+        offset = self.encoder(image_features.float(), features).float()
+        return self.class_embedding() + self.encoder_config.scale * offset, offset
+
+    # --- parameters -------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.encoder.parameters()) + list(offset_parameters(self.offsets))
+
+    def offsets_squared_norm(self) -> torch.Tensor:
+        return offsets_squared_norm(self.offsets)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Encoder and offset parameters, as they train (the domain-checkpoint content)."""
+        state = {f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        for name, layer in self.offsets.items():
+            state.update({f"offsets.{name}.{k}": v.detach().clone() for k, v in layer.offset.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        self.encoder.load_state_dict(encoder_state)
+        for name, layer in self.offsets.items():
+            prefix = f"offsets.{name}."
+            layer.offset.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+
+    def concept_state_dict(self) -> dict[str, torch.Tensor]:
+        """What generation needs: the encoder and each offset's two factors (no d x d maps)."""
+        state = {f"encoder.{k}": v.detach().float().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+        with torch.no_grad():
+            for name, layer in self.offsets.items():
+                column, row = layer.offset.factors()
+                state[f"offsets.{name}.column"] = column.detach().float().cpu().contiguous()
+                state[f"offsets.{name}.row"] = row.detach().float().cpu().contiguous()
+        return state
+
+    def describe(self) -> dict:
+        return {"encoder": asdict(self.encoder_config), "offsets": asdict(self.offset_config)}

@@ -1,0 +1,106 @@
+"""Load a Stable Diffusion base model and a CLIP vision backbone (hub id or local folder)."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from e4tcli.errors import UsageError
+from e4tcli.io.fingerprint import fingerprint_modules
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _quiet_progress_bars() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+@dataclass
+class BaseModel:
+    """The parts of a Stable Diffusion 1.x/2.x model e4t uses."""
+
+    source: str
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler_config: dict
+    fingerprint: str
+
+
+@dataclass
+class Backbone:
+    source: str
+    model: Any
+    processor: Any
+    fingerprint: str
+
+
+def _not_found(kind: str, source: str, error: Exception, flag: str) -> UsageError:
+    where = "folder" if Path(source).exists() else "hub id or folder"
+    return UsageError(
+        f"could not load the {kind} from {where} '{source}' ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
+        hint=f"pass {flag} a diffusers/transformers folder or a hub id that is downloaded or reachable",
+    )
+
+
+def load_base_model(source: str, device=None, dtype=None) -> BaseModel:
+    """Tokenizer, text encoder, VAE, UNet and scheduler config of a diffusers model."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dtype = dtype or torch.float32
+    _quiet_progress_bars()
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+        scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
+    except (OSError, ValueError) as error:
+        raise _not_found("base model", source, error, "--base-model") from None
+    if tokenizer.model_max_length > 1000:
+        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    fingerprint = fingerprint_modules(unet=unet, text_encoder=text_encoder)
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+        if device is not None:
+            module.to(device)
+    return BaseModel(str(source), tokenizer, text_encoder, vae, unet, scheduler_config, fingerprint)
+
+
+def load_backbone(source: str, device=None, dtype=None) -> Backbone:
+    """A frozen CLIP vision tower and its image processor."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    _quiet_progress_bars()
+    try:
+        processor = CLIPImageProcessor.from_pretrained(source)
+        model = CLIPVisionModel.from_pretrained(source, torch_dtype=dtype or torch.float32)
+    except (OSError, ValueError) as error:
+        raise _not_found("image backbone", source, error, "--backbone") from None
+    fingerprint = fingerprint_modules(backbone=model)
+    model.requires_grad_(False).eval()
+    if device is not None:
+        model.to(device)
+    return Backbone(str(source), model, processor, fingerprint)
+
+
+def backbone_features(backbone: Backbone, images: list, layers: tuple[int, ...]):
+    """The [CLS] token of each chosen backbone layer: (B, len(layers), width), fp32."""
+    import torch
+
+    model = backbone.model
+    pixels = backbone.processor(images=images, return_tensors="pt").pixel_values
+    pixels = pixels.to(device=model.device, dtype=model.dtype)
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    return torch.stack([hidden[i][:, 0] for i in layers], dim=1).float()

@@ -1,0 +1,159 @@
+"""Weight offsets on the UNet's attention projections: ``W' = W * (1 + dW)``.
+
+Each q, k and v projection of every self- and cross-attention layer is
+wrapped, the way peft wraps layers: the wrapper keeps ``base_layer`` frozen
+and untouched and adds the offset at forward time.
+
+Two parameterisations of ``dW`` (out x in) are offered:
+
+``paper`` (default) follows E4T: learned constants ``c`` go through two linear
+maps to a column vector ``u = A c`` (length out) and a row vector ``v = B c``
+(length in); their outer product ``u v^T`` then goes through a column-wise
+linear map ``P`` and a row-wise linear map ``Q``: ``dW = P (u v^T) Q^T``. We
+compute it as ``(P u)(Q v)^T``, which is the same matrix at O(d^2) instead of
+O(d^3) cost. ``P`` starts as the identity and ``Q`` (the final map) at zero,
+so at step 0 the model is exactly the base model.
+
+``lowrank`` is the memory-light option: ``dW = U V^T`` with rank r, ``U``
+zero-initialised. It trains far fewer parameters and no d x d maps.
+
+Either way ``dW`` is a product of two thin factors, so a tuned concept stores
+only the factors (``factors()``), never a d x d matrix.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGETS = ("to_q", "to_k", "to_v")
+
+
+@dataclass
+class OffsetConfig:
+    kind: str = "paper"
+    """"paper" (the E4T column/row construction) or "lowrank"."""
+    constant_dim: int = 64
+    """Length of the learned constant vector (paper kind)."""
+    rank: int = 4
+    """Rank of dW (lowrank kind)."""
+
+    def __post_init__(self):
+        if self.kind not in ("paper", "lowrank"):
+            raise ValueError(f"unknown weight-offset kind '{self.kind}'; use 'paper' or 'lowrank'")
+
+
+class PaperOffset(nn.Module):
+    def __init__(self, out_features: int, in_features: int, constant_dim: int):
+        super().__init__()
+        self.constant = nn.Parameter(torch.randn(constant_dim) / math.sqrt(constant_dim))
+        self.to_column = nn.Linear(constant_dim, out_features, bias=False)
+        self.to_row = nn.Linear(constant_dim, in_features, bias=False)
+        self.column_map = nn.Linear(out_features, out_features, bias=False)
+        self.row_map = nn.Linear(in_features, in_features, bias=False)
+        with torch.no_grad():
+            self.column_map.weight.copy_(torch.eye(out_features))
+            self.row_map.weight.zero_()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        column = self.column_map(self.to_column(self.constant))
+        row = self.row_map(self.to_row(self.constant))
+        return column[:, None], row[:, None]
+
+
+class LowRankOffset(nn.Module):
+    def __init__(self, out_features: int, in_features: int, rank: int):
+        super().__init__()
+        self.up = nn.Parameter(torch.zeros(out_features, rank))
+        self.down = nn.Parameter(torch.randn(in_features, rank) / math.sqrt(in_features))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.up, self.down
+
+
+class FixedOffset(nn.Module):
+    """Offsets as stored in a concept file: the two factors, not trained further."""
+
+    def __init__(self, column: torch.Tensor, row: torch.Tensor):
+        super().__init__()
+        self.register_buffer("column", column)
+        self.register_buffer("row", row)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.column, self.row
+
+
+def make_offset(config: OffsetConfig, out_features: int, in_features: int) -> nn.Module:
+    if config.kind == "paper":
+        return PaperOffset(out_features, in_features, config.constant_dim)
+    return LowRankOffset(out_features, in_features, config.rank)
+
+
+class OffsetLinear(nn.Module):
+    """A frozen ``nn.Linear`` whose weight is modulated element-wise by ``1 + dW``."""
+
+    def __init__(self, base_layer: nn.Linear, offset: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.offset = offset
+
+    def delta(self) -> torch.Tensor:
+        column, row = self.offset.factors()
+        return column @ row.T
+
+    def squared_norm(self) -> torch.Tensor:
+        """``||dW||_F^2`` computed from the factors, without forming dW."""
+        column, row = self.offset.factors()
+        return ((column.T @ column) * (row.T @ row)).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.delta()
+        weight = self.base_layer.weight.to(delta.dtype)
+        modulated = (weight + weight * delta).to(x.dtype)
+        bias = self.base_layer.bias
+        return F.linear(x, modulated, None if bias is None else bias.to(x.dtype))
+
+
+def add_weight_offsets(
+    unet: nn.Module, config: OffsetConfig, fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> dict[str, OffsetLinear]:
+    """Wrap q, k, v of every attention layer of ``unet`` in place; return the wrappers by name.
+
+    With ``fixed`` (layer name -> stored factors), offsets are built from the
+    factors of a concept file instead of as trainable parameters.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    wrapped = {}
+    for name, module in list(unet.named_modules()):
+        if not isinstance(module, Attention):
+            continue
+        for target in TARGETS:
+            base = getattr(module, target)
+            if isinstance(base, OffsetLinear):
+                base = base.base_layer
+            key = f"{name}.{target}"
+            if fixed is None:
+                offset = make_offset(config, base.out_features, base.in_features)
+            elif key in fixed:
+                offset = FixedOffset(*fixed[key])
+            else:
+                raise KeyError(key)
+            layer = OffsetLinear(base, offset.to(base.weight.device))
+            setattr(module, target, layer)
+            wrapped[key] = layer
+    if not wrapped:
+        raise ValueError("the UNet has no attention layers to put weight offsets on")
+    return wrapped
+
+
+def offset_parameters(layers: dict[str, OffsetLinear]) -> Iterator[nn.Parameter]:
+    for layer in layers.values():
+        yield from layer.offset.parameters()
+
+
+def offsets_squared_norm(layers: dict[str, OffsetLinear]) -> torch.Tensor:
+    return torch.stack([layer.squared_norm() for layer in layers.values()]).sum()

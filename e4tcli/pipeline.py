@@ -1,0 +1,124 @@
+"""Generation with a concept, wrapping diffusers' StableDiffusionPipeline.
+
+The pipeline does what it always does (classifier-free guidance, the base
+model's scheduler, VAE decoding); e4t only supplies the prompt embeddings,
+and, through ``callback_on_step_end``, recomputes ``S*`` for every denoising
+step from the current latent, as E4T's encoder is conditioned on ``z_t``.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from e4tcli.domain import PLACEHOLDER
+from e4tcli.models.e4t import E4TModel
+
+
+@dataclass
+class SamplingSettings:
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 1
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    height: int = 512
+    width: int = 512
+
+
+def sampling_scheduler(scheduler_config: dict):
+    """The base model's own scheduler class, from its config."""
+    import diffusers
+
+    scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", "PNDMScheduler"), None)
+    if scheduler_class is None:
+        scheduler_class = diffusers.PNDMScheduler
+    return scheduler_class.from_config(scheduler_config)
+
+
+def build_pipeline(model: E4TModel):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=sampling_scheduler(model.base.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def initial_latents(model: E4TModel, settings: SamplingSettings) -> torch.Tensor:
+    """One seeded noise tensor per image (seed, seed+1, ...), so each image is reproducible alone."""
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    shape = (1, model.unet.config.in_channels, settings.height // factor, settings.width // factor)
+    device = model.placement.device
+    noise = [
+        torch.randn(shape, generator=torch.Generator(device=device).manual_seed(settings.seed + i), device=device)
+        for i in range(settings.num_images)
+    ]
+    return torch.cat(noise).to(model.unet.dtype)
+
+
+@torch.no_grad()
+def generate_images(model: E4TModel, image_features: torch.Tensor, settings: SamplingSettings, pipe=None) -> list:
+    pipe = pipe or build_pipeline(model)
+    device, count = model.placement.device, settings.num_images
+    guided = settings.guidance > 1.0
+    prompt_ids = model.tokenize([settings.prompt] * count)
+    class_ids = model.tokenize([settings.prompt.replace(PLACEHOLDER, model.class_word)] * count)
+    class_states = model.encode_text(class_ids)
+    negative_states = model.encode_text(model.tokenize([settings.negative_prompt] * count))
+    features = image_features.to(device).float().expand(count, -1, -1)
+
+    def conditional_states(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        timesteps = timestep.reshape(1).expand(count).to(device)
+        concept, _ = model.concept_embedding(features, latents.to(model.unet.dtype), timesteps, class_states)
+        return model.encode_text(prompt_ids, concept=concept)
+
+    latents = initial_latents(model, settings)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(settings.steps, device=device)
+    timesteps = scheduler.timesteps.clone()
+    first = conditional_states(scheduler.scale_model_input(latents * scheduler.init_noise_sigma, timesteps[0]), timesteps[0])
+
+    def on_step_end(pipeline, index, _timestep, tensors):
+        if index + 1 >= len(timesteps):
+            return {}
+        upcoming = timesteps[index + 1]
+        states = conditional_states(pipeline.scheduler.scale_model_input(tensors["latents"], upcoming), upcoming)
+        return {"prompt_embeds": torch.cat([negative_states, states]) if guided else states}
+
+    generators = [torch.Generator(device=device).manual_seed(settings.seed + 10_000 + i) for i in range(count)]
+    result = pipe(
+        prompt_embeds=first,
+        negative_prompt_embeds=negative_states,
+        latents=latents,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        height=settings.height,
+        width=settings.width,
+        generator=generators,
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        output_type="pil",
+    )
+    return result.images
+
+
+def image_grid(images: list):
+    from PIL import Image
+
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid

@@ -1,0 +1,215 @@
+"""Tiny random-weight models in the folder formats of diffusers/transformers.
+
+No real weights can be downloaded here, so tests, the demo and benchmarks run
+on small models built from configs. The folders have the same layout as the
+real ones (Stable Diffusion 1.x/2.x, a CLIP vision tower), so code written
+against ``from_pretrained(folder)`` works on both. The text encoder keeps the
+real CLIP vocabulary (49,408 tokens, real special-token ids) and the real
+tokenizer (see ``e4tcli.clip_bpe``), so token ids match real checkpoints.
+
+Weights are random but deterministic: ``torch.manual_seed`` runs before each
+model is constructed.
+
+Usage: ``python -m e4tcli.tiny OUT_DIR`` builds OUT_DIR/sd and OUT_DIR/backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+# Cheap quietness; setdefault leaves a user's explicit choice alone.
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CLIP_VOCAB_SIZE = 49408
+BOS_ID = 49406
+EOS_ID = 49407
+MAX_TEXT_LENGTH = 77
+
+
+@contextmanager
+def _no_progress_bars():
+    """Hide transformers 5's "Writing model shards" bar during a save."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _scheduler(prediction_type: str):
+    """The scheduler the real checkpoints ship with.
+
+    SD 1.x (epsilon): PNDM with skip_prk_steps. SD 2.x (v_prediction): DDIM.
+    Both use the scaled-linear betas of SD and steps_offset=1.
+    """
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    common = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    if prediction_type == "epsilon":
+        return PNDMScheduler(skip_prk_steps=True, **common)
+    if prediction_type == "v_prediction":
+        return DDIMScheduler(clip_sample=False, **common)
+    raise ValueError(
+        f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}"
+    )
+
+
+def build_tiny_base_model(
+    out_dir: str | Path,
+    *,
+    text_width: int = 32,
+    prediction_type: str = "epsilon",
+    resolution: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler).
+
+    The UNet has two cross-attention down blocks, a cross-attention middle
+    block and two cross-attention up blocks (14 attention layers: 7 self, 7
+    cross). The VAE downsamples by 8 (64 px -> 8x8x4 latents).
+    """
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from e4tcli.clip_bpe import write_tokenizer_files
+
+    if resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=text_width,
+            intermediate_size=4 * text_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TEXT_LENGTH,
+            projection_dim=text_width,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=EOS_ID,
+        )
+    )
+
+    scheduler = _scheduler(prediction_type)
+    with _no_progress_bars():
+        for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+            model.save_pretrained(out / name, safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    write_tokenizer_files(out / "tokenizer")
+    # Written by hand rather than by StableDiffusionPipeline.save_pretrained:
+    # importing the pipeline costs seconds, and its save would turn tokenizer/
+    # into a tokenizer.json. Unused components are [null, null], as in SD 2.x.
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def build_tiny_backbone(out_dir: str | Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a tiny CLIP vision tower plus its image processor config.
+
+    Hidden size 32, 5 layers, patch 8: ``output_hidden_states=True`` gives 6
+    hidden states (embeddings + each layer) of shape
+    (batch, 1 + (image_size // 8) ** 2, 32); index 0 along dim 1 is CLS.
+    """
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of the patch size 8, got {image_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+            projection_dim=32,
+        )
+    )
+    with _no_progress_bars():
+        model.save_pretrained(out, safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    ).save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m e4tcli.tiny OUT_DIR", file=sys.stderr)
+        return 2
+    root = Path(args[0])
+    print(build_tiny_base_model(root / "sd"))
+    print(build_tiny_backbone(root / "backbone"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

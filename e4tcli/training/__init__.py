@@ -1,0 +1,1 @@
+"""Training: one shared step (step.py) for pre-training and tuning, and their loops."""

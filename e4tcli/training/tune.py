@@ -1,0 +1,95 @@
+"""Tuning: a few steps on ONE image, starting from a pre-trained domain checkpoint."""
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from e4tcli.domain import PLACEHOLDER
+from e4tcli.errors import RuntimeFailure
+from e4tcli.models.e4t import E4TModel
+from e4tcli.training.images import latent_distribution, mask_to_latent, square_resize, to_pixels
+from e4tcli.training.step import Batch, StepLosses, training_step
+
+
+@dataclass
+class TuneSettings:
+    steps: int
+    learning_rate: float
+    batch_size: int
+    resolution: int
+    lambda_emb: float
+    lambda_weights: float
+    seed: int = 0
+    weight_decay: float = 0.0
+    flip: bool = True
+    """Light augmentation: the batch mixes the image and its mirror image."""
+
+
+def optimizer_for(model: E4TModel, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the encoder and the weight offsets, constant learning rate."""
+    return torch.optim.AdamW(model.trainable_parameters(), lr=learning_rate, weight_decay=weight_decay)
+
+
+def check_finite(losses: StepLosses, step: int) -> None:
+    if not torch.isfinite(losses.total):
+        raise RuntimeFailure(
+            f"the loss became {float(losses.total)} at step {step}; nothing was written",
+            hint="lower --lr, or use --precision fp32",
+        )
+
+
+def tune_concept(
+    model: E4TModel,
+    image,
+    image_features: torch.Tensor,
+    prompt_templates: tuple[str, ...],
+    settings: TuneSettings,
+    noise_scheduler,
+    loss_mask=None,
+    on_step: Optional[Callable[[int, StepLosses], None]] = None,
+) -> list[dict[str, float]]:
+    """Optimise the encoder and the offsets on ``image``; return each step's losses.
+
+    The batch is the one image under different noise, timesteps, prompt
+    templates and (with ``flip``) mirroring; the VAE posterior of each view is
+    computed once and sampled at every step.
+    """
+    device = model.placement.device
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    torch.manual_seed(settings.seed)
+
+    view = square_resize(image, settings.resolution)
+    views = [view] + ([view.transpose(0)] if settings.flip else [])
+    mean, std = latent_distribution(model.vae, to_pixels(views))
+    masks = None
+    if loss_mask is not None:
+        mask_view = square_resize(loss_mask, settings.resolution)
+        mask_views = [mask_view] + ([mask_view.transpose(0)] if settings.flip else [])
+        masks = torch.cat([mask_to_latent(m, mean.shape[-1]) for m in mask_views]).to(device)
+    features = image_features.to(device).float()
+
+    optimizer = optimizer_for(model, settings.learning_rate, settings.weight_decay)
+    history = []
+    for step in range(1, settings.steps + 1):
+        choice = torch.randint(0, len(views), (settings.batch_size,), generator=generator, device=device)
+        latents = mean[choice] + std[choice] * torch.randn(mean[choice].shape, generator=generator, device=device)
+        prompts = [rng.choice(prompt_templates) for _ in range(settings.batch_size)]
+        batch = Batch(
+            latents=latents,
+            image_features=features.expand(settings.batch_size, -1, -1),
+            prompt_ids=model.tokenize(prompts),
+            class_prompt_ids=model.tokenize([p.replace(PLACEHOLDER, model.class_word) for p in prompts]),
+            loss_mask=None if masks is None else masks[choice],
+        )
+        losses = training_step(model, batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights, generator)
+        check_finite(losses, step)
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        optimizer.step()
+        history.append(losses.as_floats())
+        if on_step is not None:
+            on_step(step, losses)
+    return history

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from e4tcli.datasets import ImageFolder
+from e4tcli.errors import UsageError
+
+
+def save(path, array, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+
+
+def test_recursive_formats_exif_and_bad_files(tmp_path):
+    red = np.zeros((8, 16, 3), np.uint8)
+    red[..., 0] = 255
+    save(tmp_path / "a.png", red)
+    save(tmp_path / "sub" / "b.JPG", red)
+    save(tmp_path / "sub" / "deeper" / "c.webp", red)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise on display
+    save(tmp_path / "rotated.jpg", red, exif=exif)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+
+    folder = ImageFolder(tmp_path)
+    assert len(folder) == 4
+    assert [p.name for p in folder.skipped] == ["broken.png"]
+    sizes = {p.name: folder[i].size for i, p in enumerate(folder.paths)}
+    assert sizes["a.png"] == (16, 8)
+    assert sizes["rotated.jpg"] == (8, 16)
+    assert all(folder[i].mode == "RGB" for i in range(len(folder)))
+
+
+def test_file_failing_at_decode_time_is_skipped_and_counted(tmp_path):
+    save(tmp_path / "good.png", np.full((4, 4, 3), 7, np.uint8))
+    save(tmp_path / "truncated.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = (tmp_path / "truncated.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    folder = ImageFolder(tmp_path)
+    images = [folder[i] for i in range(len(folder))]
+    assert all(np.asarray(im).max() == 7 for im in images)
+    assert [p.name for p in folder.skipped] == ["truncated.png"]
+
+
+def test_missing_or_empty_folder_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        ImageFolder(tmp_path / "nope")
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(UsageError, match="no readable images"):
+        ImageFolder(tmp_path)

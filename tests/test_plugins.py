@@ -1,0 +1,163 @@
+import subprocess
+import sys
+import types
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from e4tcli.domain import Domain, PhaseDefaults
+from e4tcli.plugins import load_registry
+from e4tcli.vocab import is_single_clip_token
+from tests.fake_plugins import install_distribution, plugin_source
+
+
+def module_from(name: str, body: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    exec(plugin_source(body), module.__dict__)
+    return module
+
+
+GOOD = """
+@hookimpl
+def register_domains(register):
+    register(make("dogs"))
+"""
+
+
+def test_good_plugin_registers_its_domain():
+    registry = load_registry([("good", module_from("good", GOOD))], use_entry_points=False)
+    assert registry.names() == ["dogs"]
+    assert registry.domains["dogs"].plugin.name == "good"
+    assert registry.domains["dogs"].domain.class_word == "dog"
+    assert registry.problems == []
+
+
+def test_plugin_that_fails_to_import_is_one_problem_and_others_survive():
+    broken = EntryPoint(name="broken", value="e4t_module_that_does_not_exist", group="e4t")
+    registry = load_registry([("broken", broken), ("good", module_from("good", GOOD))], use_entry_points=False)
+    assert registry.names() == ["dogs"]
+    assert len(registry.problems) == 1
+    assert "plugin 'broken'" in registry.problems[0]
+    assert "ModuleNotFoundError" in registry.problems[0]
+
+
+def test_duplicate_name_names_both_plugins():
+    first = module_from("first", GOOD)
+    second = module_from("second", GOOD)
+    registry = load_registry([("first", first), ("second", second)], use_entry_points=False)
+    assert registry.names() == ["dogs"]
+    assert registry.domains["dogs"].plugin.name == "first"
+    (problem,) = registry.problems
+    assert "plugin 'second'" in problem and "already registered by plugin 'first'" in problem
+
+
+def test_missing_field_is_reported_with_the_plugin_name():
+    no_class_word = """
+    @hookimpl
+    def register_domains(register):
+        register(Domain(name="x", description="d", prompt_templates=("S*",), base_model="b", backbone="c",
+                        pretrain=None, tune=None, lambda_weights=0.0, dataset=image_folder))
+    """
+    empty_backbone = """
+    @hookimpl
+    def register_domains(register):
+        register(make("y", backbone=""))
+    """
+    registry = load_registry(
+        [("nofield", module_from("nofield", no_class_word)), ("empty", module_from("empty", empty_backbone))],
+        use_entry_points=False,
+    )
+    assert registry.names() == []
+    problems = sorted(registry.problems)
+    assert "plugin 'empty'" in problems[0] and "missing field 'backbone'" in problems[0]
+    assert "plugin 'nofield'" in problems[1] and "class_word" in problems[1]
+
+
+@pytest.mark.parametrize("word", ["golden retriever", "xyzzyq", "cat-dog"])
+def test_class_word_of_several_tokens_is_rejected(word):
+    body = f"""
+    @hookimpl
+    def register_domains(register):
+        register(make("multi", class_word={word!r}))
+        register(make("fine", class_word="cat"))
+    """
+    registry = load_registry([("multi", module_from("multi", body))], use_entry_points=False)
+    assert registry.names() == ["fine"]
+    (problem,) = registry.problems
+    assert f"class word '{word}' is not a single CLIP token" in problem and "plugin 'multi'" in problem
+
+
+def test_template_without_placeholder_is_rejected():
+    body = """
+    @hookimpl
+    def register_domains(register):
+        register(make("bad", prompt_templates=("a photo of a dog",)))
+    """
+    registry = load_registry([("bad", module_from("bad", body))], use_entry_points=False)
+    assert registry.names() == [] and "does not contain 'S*'" in registry.problems[0]
+
+
+def test_hook_that_raises_costs_only_its_plugin():
+    raising = """
+    @hookimpl
+    def register_domains(register):
+        raise RuntimeError("boom")
+    """
+    registry = load_registry(
+        [("raising", module_from("raising", raising)), ("good", module_from("good", GOOD))], use_entry_points=False
+    )
+    assert registry.names() == ["dogs"]
+    assert registry.problems == ["plugin 'raising' failed to register its domains: RuntimeError: boom"]
+
+
+def test_single_token_check_matches_clip_vocabulary():
+    assert all(is_single_clip_token(w) for w in ["face", "cat", "painting", "dog", "Cat"])
+    assert not any(is_single_clip_token(w) for w in ["golden retriever", "xyzzyq", "", "cat!"])
+
+
+def test_builtin_domains_come_from_their_own_distributions():
+    registry = load_registry()
+    for name, dist, word in [("faces", "e4t-faces", "face"), ("cats", "e4t-cats", "cat"), ("art", "e4t-art", "painting")]:
+        entry = registry.domains[name]
+        assert entry.plugin.distribution == dist
+        assert entry.domain.class_word == word
+
+
+def test_entry_point_plugin_env_controls(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    install_distribution(site, "e4t-wolves", "e4t_wolves_plugin", plugin_source(GOOD.replace("dogs", "wolves")), "wolves")
+    monkeypatch.syspath_prepend(str(site))
+    registry = load_registry()
+    assert registry.domains["wolves"].plugin.distribution == "e4t-wolves"
+    assert registry.domains["wolves"].plugin.version == "1.2.3"
+
+    monkeypatch.setenv("E4T_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert load_registry().names() == ["art", "cats", "faces"]
+    monkeypatch.setenv("E4T_LOAD_PLUGINS", "e4t-wolves")
+    assert "wolves" in load_registry().names()
+
+    monkeypatch.delenv("E4T_DISABLE_PLUGIN_AUTOLOAD")
+    monkeypatch.setenv("E4T_BLOCK_PLUGINS", "wolves,e4t-cats")
+    assert load_registry().names() == ["art", "faces"]
+
+
+def test_registering_every_domain_imports_no_torch():
+    code = (
+        "import sys; from e4tcli.plugins import load_registry; r = load_registry(); "
+        "assert set(r.names()) >= {'faces', 'cats', 'art'}; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'PIL') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_domain_defaults_are_plain_data():
+    domain = Domain(
+        name="d", description="x", class_word="cat", prompt_templates=("S*",), base_model="b", backbone="c",
+        pretrain=PhaseDefaults(1, 1e-4, 1, 64, 0.1), tune=PhaseDefaults(1, 1e-4, 1, 64, 0.1),
+        lambda_weights=0.5, dataset=len,
+    )
+    defaults = domain.defaults()
+    assert defaults["tune"] == {"steps": 1, "learning_rate": 1e-4, "batch_size": 1, "resolution": 64, "lambda_emb": 0.1}
+    assert defaults["prompt_templates"] == ["S*"]
+    assert defaults["dataset"] == "builtins.len"
