@@ -33,3 +33,36 @@ def tiny_backbone(tmp_path_factory):
     from e4tcli.tiny import build_tiny_backbone
 
     return build_tiny_backbone(tmp_path_factory.mktemp("tiny") / "backbone")
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """A small folder of real photos shipped with scikit-image (a cat, a face, ...)."""
+    import skimage.data
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("chelsea", "astronaut", "coffee", "rocket", "cat"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cats_domain():
+    from e4tcli.plugins import load_registry
+
+    return load_registry().get("cats").domain
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder, cats_domain):
+    """A cats-domain checkpoint pre-trained for 2 steps on the tiny model."""
+    from e4tcli import api
+
+    out = tmp_path_factory.mktemp("ckpt") / "cats"
+    options = api.PretrainOptions(
+        data=str(photo_folder), out=str(out), base_model=str(tiny_sd), backbone=str(tiny_backbone),
+        steps=2, batch_size=2, resolution=64, encoder_hidden_dim=64,
+    )
+    api.pretrain(options, cats_domain)
+    return out

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from e4tcli import __version__
-from e4tcli.cli import domains
+from e4tcli.cli import domains, generate, pretrain, tune
 
 app = typer.Typer(
     name="e4t",
@@ -16,6 +16,9 @@ app = typer.Typer(
     rich_markup_mode="rich" if sys.stdout.isatty() else None,
 )
 app.add_typer(domains.app, name="domains")
+app.command("tune")(tune.tune)
+app.command("generate")(generate.generate)
+app.command("pretrain")(pretrain.pretrain)
 
 
 def _print_version(value: bool) -> None:

@@ -5,12 +5,11 @@ from typing import Annotated
 import typer
 
 from e4tcli.cli.completion import complete_domain
+from e4tcli.cli.options import JsonFlag
 from e4tcli.cli.output import print_json, print_table, registry, reports_errors, stdout_console
 from e4tcli.plugins import RegisteredDomain
 
 app = typer.Typer(help="List installed domains and show their defaults.", no_args_is_help=False)
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 
 
 def _summary(entry: RegisteredDomain) -> dict:

@@ -9,7 +9,8 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -72,6 +73,39 @@ def reset_registry() -> None:
     """Forget the loaded registry (tests use it after changing plugins or the environment)."""
     global _registry
     _registry = None
+
+
+@contextmanager
+def step_progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable]:
+    """A progress bar (on stderr, terminals only) showing the loss; yields the on_step callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = stderr_console()
+    progress = Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total, loss="-")
+
+        def on_step(step: int, losses) -> None:
+            progress.update(task, completed=step, loss=f"{float(losses.total):.4f}")
+
+        yield on_step
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
 
 
 def fail(error: E4TError) -> typer.Exit:

@@ -1,0 +1,116 @@
+"""The E4T model on a tiny SD: zero-init exactness, gradients, the placeholder."""
+
+import pytest
+import torch
+
+from e4tcli.device import choose_placement
+from e4tcli.models.e4t import E4TModel, unet_channels
+from e4tcli.models.encoder import EncoderConfig
+from e4tcli.models.loading import load_base_model
+from e4tcli.models.weight_offsets import OffsetConfig, OffsetLinear
+from e4tcli.training.step import Batch, training_step
+
+
+def build(tiny_sd, kind="paper"):
+    base = load_base_model(str(tiny_sd))
+    config = EncoderConfig(
+        backbone_hidden_size=32, backbone_layers=(2, 4), unet_channels=unet_channels(base.unet),
+        embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1], hidden_dim=48,
+    )
+    return E4TModel(base, "cat", config, OffsetConfig(kind=kind, rank=2), choose_placement("cpu"))
+
+
+def unet_inputs(seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(batch, 77, 32, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["paper", "lowrank"])
+def test_fresh_offsets_leave_the_unet_exactly_unchanged(tiny_sd, kind):
+    base = load_base_model(str(tiny_sd))
+    latents, t, states = unet_inputs()
+    with torch.no_grad():
+        expected = base.unet(latents, t, encoder_hidden_states=states).sample
+    model = build(tiny_sd, kind)
+    assert len(model.offsets) == 3 * 14  # q, k, v of 7 self- and 7 cross-attention layers
+    with torch.no_grad():
+        actual = model.unet(latents, t, encoder_hidden_states=states).sample
+    assert torch.equal(actual, expected)
+
+
+def test_offsets_change_the_output_once_trained(tiny_sd):
+    model = build(tiny_sd)
+    latents, t, states = unet_inputs()
+    with torch.no_grad():
+        before = model.unet(latents, t, encoder_hidden_states=states).sample
+        for layer in model.offsets.values():
+            layer.offset.row_map.weight.fill_(0.01)
+        after = model.unet(latents, t, encoder_hidden_states=states).sample
+    assert not torch.allclose(before, after)
+
+
+def test_offset_is_elementwise_modulation_of_the_weight(tiny_sd):
+    model = build(tiny_sd)
+    layer: OffsetLinear = next(iter(model.offsets.values()))
+    with torch.no_grad():
+        layer.offset.row_map.weight.normal_()
+    x = torch.randn(3, layer.base_layer.in_features)
+    delta = layer.delta()
+    expected = x @ (layer.base_layer.weight * (1 + delta)).T
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert torch.allclose(layer.squared_norm(), (delta**2).sum(), rtol=1e-4)
+    column, row = layer.offset.factors()
+    assert column.shape == (layer.base_layer.out_features, 1) and row.shape == (layer.base_layer.in_features, 1)
+
+
+def test_fresh_encoder_gives_exactly_the_class_word_embedding(tiny_sd):
+    model = build(tiny_sd)
+    latents, t, _ = unet_inputs()
+    class_states = model.encode_text(model.tokenize(["a photo of a cat"] * 2))
+    concept, offset = model.concept_embedding(torch.randn(2, 2, 32), latents, t, class_states)
+    cat_id = model.tokenizer("cat", add_special_tokens=False).input_ids[0]
+    word = model.placeholder.base.weight[cat_id]
+    assert torch.equal(offset, torch.zeros_like(offset))
+    assert torch.equal(concept, word.expand(2, -1))
+    # ... and so "a photo of S*" encodes exactly like "a photo of cat"
+    with torch.no_grad():
+        with_placeholder = model.encode_text(model.tokenize(["a photo of S*"]), concept=concept[:1])
+        with_word = model.encode_text(model.tokenize(["a photo of cat"]))
+    assert torch.equal(with_placeholder, with_word)
+
+
+def test_placeholder_is_one_added_token_and_the_embedding_table_is_untouched(tiny_sd):
+    model = build(tiny_sd)
+    ids = model.tokenize(["a photo of S*"])[0].tolist()
+    assert ids[:6] == [49406, 320, 1125, 539, model.placeholder.placeholder_id, 49407]
+    assert model.placeholder.base.weight.shape[0] == 49408
+    concept = torch.randn(1, 32)
+    embeddings = model.placeholder(torch.tensor([ids]))
+    with model.placeholder.using(concept):
+        swapped = model.placeholder(torch.tensor([ids]))
+    assert torch.equal(swapped[0, 4], concept[0])
+    assert torch.equal(swapped[0, :4], embeddings[0, :4])
+
+
+def test_gradients_reach_only_encoder_and_offsets(tiny_sd):
+    model = build(tiny_sd)
+    with torch.no_grad():  # make every trainable path live (the zero-init maps block some gradients at step 0)
+        model.encoder.head[-1].weight.normal_(std=0.01)
+        for layer in model.offsets.values():
+            layer.offset.row_map.weight.normal_(std=0.01)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(
+        latents=torch.randn(2, 4, 8, 8, generator=g), image_features=torch.randn(2, 2, 32, generator=g),
+        prompt_ids=model.tokenize(["a photo of S*"] * 2), class_prompt_ids=model.tokenize(["a photo of cat"] * 2),
+    )
+    from diffusers import DDPMScheduler
+
+    losses = training_step(model, batch, DDPMScheduler.from_config(model.base.scheduler_config), 0.1, 0.1, g)
+    losses.total.backward()
+    trainable = {id(p) for p in model.trainable_parameters()}
+    for p in model.trainable_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0
+    for module in (model.unet, model.text_encoder, model.vae):
+        for p in module.parameters():
+            if id(p) not in trainable:
+                assert p.grad is None and not p.requires_grad

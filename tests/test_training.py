@@ -1,0 +1,144 @@
+"""Tuning and pre-training on the tiny model: what changes, what doesn't, what round-trips."""
+
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from e4tcli import api
+from e4tcli.device import choose_placement
+from e4tcli.io.checkpoint import load_checkpoint
+from e4tcli.io.concept import load_concept
+from e4tcli.models.e4t import E4TModel
+from e4tcli.models.encoder import EncoderConfig
+from e4tcli.models.loading import backbone_features, load_backbone, load_base_model
+from e4tcli.models.weight_offsets import OffsetConfig
+from e4tcli.training.images import latent_distribution, square_resize, to_pixels
+from e4tcli.training.step import Batch, training_step
+from e4tcli.training.tune import TuneSettings, tune_concept
+
+
+def model_from_checkpoint(checkpoint_dir, base_source):
+    checkpoint = load_checkpoint(checkpoint_dir)
+    base = load_base_model(base_source)
+    model = E4TModel(
+        base, "cat", EncoderConfig.from_dict(checkpoint.config["encoder"]),
+        OffsetConfig(**checkpoint.config["offsets"]), choose_placement("cpu"),
+    )
+    model.load_trainable_state_dict(checkpoint.tensors)
+    return model, checkpoint
+
+
+def fixed_loss(model, image, features, seed=123):
+    """The loss on one image with fixed noise and timesteps, for before/after comparisons."""
+    mean, _ = latent_distribution(model.vae, to_pixels([square_resize(image, 64)] * 8))
+    g = torch.Generator().manual_seed(seed)
+    batch = Batch(
+        latents=mean, image_features=features.expand(8, -1, -1),
+        prompt_ids=model.tokenize(["a photo of S*"] * 8), class_prompt_ids=model.tokenize(["a photo of cat"] * 8),
+    )
+    with torch.no_grad():
+        scheduler = DDPMScheduler.from_config(model.base.scheduler_config)
+        return float(training_step(model, batch, scheduler, 0.0, 0.0, g).denoising)
+
+
+def test_checkpoint_round_trip_is_exact(tiny_checkpoint, tiny_sd):
+    model, checkpoint = model_from_checkpoint(tiny_checkpoint, str(tiny_sd))
+    state = model.trainable_state_dict()
+    assert state.keys() == checkpoint.tensors.keys()
+    assert all(torch.equal(state[k], checkpoint.tensors[k]) for k in state)
+    config = checkpoint.config
+    assert config["domain"] == "cats" and config["step"] == 2
+    assert config["training"]["batch_size"] == 2 and config["training"]["resolution"] == 64
+    assert len(config["base_model"]["fingerprint"]) == 16 and config["backbone"]["source"]
+    # pre-training moved the zero-initialised maps
+    assert any(torch.count_nonzero(v) for k, v in state.items() if k.endswith("row_map.weight"))
+
+
+def test_tuning_lowers_the_loss_and_leaves_base_weights_bit_identical(tiny_checkpoint, tiny_sd, tiny_backbone, photo_folder):
+    model, _ = model_from_checkpoint(tiny_checkpoint, str(tiny_sd))
+    frozen = {
+        name: p.detach().clone()
+        for module in (model.unet, model.text_encoder, model.vae)
+        for name, p in module.named_parameters()
+        if not p.requires_grad
+    }
+    image = Image.open(photo_folder / "chelsea.png").convert("RGB")
+    features = backbone_features(load_backbone(str(tiny_backbone)), [square_resize(image, 64)], (2, 4))
+    before = fixed_loss(model, image, features)
+    settings = TuneSettings(steps=30, learning_rate=1e-2, batch_size=4, resolution=64, lambda_emb=0.1, lambda_weights=1e-4)
+    scheduler = DDPMScheduler.from_config(model.base.scheduler_config)
+    history = tune_concept(model, image, features, ("a photo of S*",), settings, scheduler)
+    after = fixed_loss(model, image, features)
+    assert len(history) == 30
+    assert after < 0.96 * before, (before, after)  # seen: 1.061 -> 0.986 (-7%)
+    current = {
+        name: p for module in (model.unet, model.text_encoder, model.vae) for name, p in module.named_parameters()
+    }
+    assert all(torch.equal(current[name], value) for name, value in frozen.items())
+
+
+def test_concept_round_trip_reproduces_the_tuned_model_exactly(tiny_checkpoint, tiny_sd, photo_folder, cats_domain, tmp_path):
+    out = tmp_path / "chelsea.safetensors"
+    result = api.tune(
+        api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(tiny_checkpoint), out=str(out),
+                        steps=2, batch_size=2, seed=3),
+        cats_domain,
+    )
+    assert result.concept == out and out.stat().st_size == result.size_bytes
+    concept = load_concept(out)
+    info = concept.info
+    assert info["domain"] == "cats" and info["token"] == "S*" and info["class_word"] == "cat"
+    assert info["tuning"]["steps"] == 2 and info["tuning"]["seed"] == 3
+    assert concept.image_features.shape == (2, 32)
+    assert not any(".row_map." in k or ".column_map." in k for k in concept.tensors), "no d x d maps in a concept"
+
+    # re-tune identically in memory and compare the tuned model with the one loaded from the file
+    placement = choose_placement("cpu")
+    loaded = E4TModel(
+        load_base_model(str(tiny_sd)), "cat", EncoderConfig.from_dict(info["encoder"]),
+        OffsetConfig(**info["offsets"]), placement, concept.model_tensors(),
+    )
+    tuned, _ = model_from_checkpoint(tiny_checkpoint, str(tiny_sd))
+    tuned_state = tuned.concept_state_dict()
+    assert tuned_state.keys() == concept.model_tensors().keys()
+    g = torch.Generator().manual_seed(0)
+    latents, t, states = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        from_file = loaded.unet(latents, t, encoder_hidden_states=states).sample
+        from_file_concept, _ = loaded.concept_embedding(concept.image_features[None], latents, t, states)
+    # the file's tensors are exactly the tuned model's: re-run the same tuning and compare bit for bit
+    again = tmp_path / "again.safetensors"
+    api.tune(
+        api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(tiny_checkpoint), out=str(again),
+                        steps=2, batch_size=2, seed=3),
+        cats_domain,
+    )
+    second = load_concept(again)
+    assert all(torch.equal(second.tensors[k], concept.tensors[k]) for k in concept.tensors)
+    reloaded = E4TModel(
+        load_base_model(str(tiny_sd)), "cat", EncoderConfig.from_dict(info["encoder"]),
+        OffsetConfig(**info["offsets"]), placement, second.model_tensors(),
+    )
+    with torch.no_grad():
+        assert torch.equal(reloaded.unet(latents, t, encoder_hidden_states=states).sample, from_file)
+        assert torch.equal(reloaded.concept_embedding(second.image_features[None], latents, t, states)[0], from_file_concept)
+
+
+def test_sd2_shape_with_v_prediction_tunes_and_generates(tmp_path, tiny_backbone, photo_folder, cats_domain):
+    from e4tcli.tiny import build_tiny_base_model
+
+    sd2 = build_tiny_base_model(tmp_path / "sd2", text_width=1024, prediction_type="v_prediction")
+    checkpoint = tmp_path / "ckpt"
+    api.pretrain(
+        api.PretrainOptions(data=str(photo_folder), out=str(checkpoint), base_model=str(sd2),
+                            backbone=str(tiny_backbone), steps=1, batch_size=2, resolution=64, encoder_hidden_dim=32),
+        cats_domain,
+    )
+    concept = tmp_path / "c.safetensors"
+    api.tune(api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(checkpoint), out=str(concept),
+                             steps=2, batch_size=2), cats_domain)
+    loaded = load_concept(concept)
+    assert loaded.info["encoder"]["embedding_dim"] == 1024
+    assert loaded.tensors["encoder.head.2.weight"].shape == (1024, 32)
+    result = api.generate(api.GenerateOptions(concept=str(concept), prompt="S* on a beach", steps=2, out=str(tmp_path / "o")))
+    assert Image.open(result.images[0]).size == (64, 64)
