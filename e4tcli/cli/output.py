@@ -95,7 +95,7 @@ def step_progress(total: int, description: str, enabled: bool = True) -> Iterato
         task = progress.add_task(description, total=total, loss="-")
 
         def on_step(step: int, losses) -> None:
-            progress.update(task, completed=step, loss=f"{float(losses.total):.4f}")
+            progress.update(task, completed=step, loss=f"{float(losses.total.detach()):.4f}")
 
         yield on_step
 

@@ -35,7 +35,7 @@ def optimizer_for(model: E4TModel, learning_rate: float, weight_decay: float) ->
 def check_finite(losses: StepLosses, step: int) -> None:
     if not torch.isfinite(losses.total):
         raise RuntimeFailure(
-            f"the loss became {float(losses.total)} at step {step}; nothing was written",
+            f"the loss became {float(losses.total.detach())} at step {step}; nothing was written",
             hint="lower --lr, or use --precision fp32",
         )
 

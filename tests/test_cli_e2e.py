@@ -1,0 +1,154 @@
+"""The CLI end to end on a tiny model: pretrain -> tune -> generate, and every bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from e4tcli.cli import app
+from e4tcli.cli.output import reset_registry
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    reset_registry()
+    yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
+    """pretrain (2 steps, via the CLI) -> tune on chelsea; shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("cli")
+    checkpoint = root / "cats-checkpoint"
+    result = runner.invoke(app, [
+        "pretrain", "--domain", "cats", "--data", str(photo_folder), "--out", str(checkpoint),
+        "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "2", "--batch-size", "2",
+        "--resolution", "64", "--encoder-hidden-dim", "64", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    pretrained = json.loads(result.stdout)
+    concept = root / "chelsea.safetensors"
+    result = runner.invoke(app, [
+        "tune", str(photo_folder / "chelsea.png"), "--domain", "cats", "--checkpoint", str(checkpoint),
+        "--steps", "3", "--batch-size", "2", "--out", str(concept), "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    return {"root": root, "checkpoint": checkpoint, "concept": concept, "pretrained": pretrained,
+            "tuned": json.loads(result.stdout)}
+
+
+def test_pretrain_and_tune_report_json(world):
+    assert world["pretrained"]["checkpoint"] == str(world["checkpoint"])
+    assert world["pretrained"]["steps"] == 2 and np.isfinite(world["pretrained"]["final_loss"])
+    assert sorted(p.name for p in world["checkpoint"].iterdir()) == ["config.json", "model.safetensors"]
+    tuned = world["tuned"]
+    assert tuned["concept"] == str(world["concept"]) and tuned["steps"] == 3
+    assert tuned["size_bytes"] == world["concept"].stat().st_size
+
+
+def test_generate_writes_pngs_with_parameters_and_a_grid(world):
+    out = world["root"] / "images"
+    args = ["generate", str(world["concept"]), "S* as an astronaut", "--num-images", "2", "--steps", "2",
+            "--seed", "7", "--out", str(out), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [p.rsplit("/", 1)[1] for p in data["images"]] == ["chelsea-7.png", "chelsea-8.png"]
+    first = Image.open(data["images"][0])
+    assert first.size == (64, 64)
+    assert first.text["prompt"] == "S* as an astronaut" and first.text["seed"] == "7"
+    assert first.text["steps"] == "2" and first.text["guidance"] == "7.5"
+    assert first.text["concept"] == "chelsea.safetensors" and first.text["base_model"]
+    assert Image.open(data["grid"]).size == (128, 64)
+
+    again = runner.invoke(app, args[:-3] + ["--out", str(world["root"] / "again"), "--json"])
+    repeat = json.loads(again.stdout)
+    for a, b in zip(data["images"], repeat["images"]):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    other = runner.invoke(app, ["generate", str(world["concept"]), "S* as an astronaut", "--steps", "2",
+                                "--seed", "8", "--out", str(world["root"] / "other"), "--json"])
+    single = json.loads(other.stdout)["images"][0]
+    assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(data["images"][1])))
+    assert not np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(data["images"][0])))
+
+
+def test_prompt_without_placeholder_warns_and_proceeds(world):
+    result = runner.invoke(app, ["generate", str(world["concept"]), "a cat", "--steps", "1",
+                                 "--out", str(world["root"] / "noph")])
+    assert result.exit_code == 0
+    assert "does not contain 'S*'" in result.stderr
+    assert (world["root"] / "noph" / "chelsea-0.png").is_file()
+
+
+def one_line_error(result, code):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("e4t: error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_unreadable_and_non_image_files(world, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    line = one_line_error(runner.invoke(app, ["tune", str(text), "--domain", "cats", "--checkpoint",
+                                              str(world["checkpoint"])]), 2)
+    assert "cannot read" in line and "jpg, png or webp" in line
+    line = one_line_error(runner.invoke(app, ["tune", str(tmp_path / "missing.jpg"), "--domain", "cats",
+                                              "--checkpoint", str(world["checkpoint"])]), 2)
+    assert "image not found" in line
+
+
+def test_missing_checkpoint(world, photo_folder, tmp_path):
+    image = str(photo_folder / "chelsea.png")
+    line = one_line_error(runner.invoke(app, ["tune", image, "--domain", "cats"]), 2)
+    assert "no published checkpoint" in line and "--checkpoint" in line
+    line = one_line_error(runner.invoke(app, ["tune", image, "--domain", "cats", "--checkpoint", str(tmp_path)]), 2)
+    assert "no domain checkpoint" in line
+    line = one_line_error(runner.invoke(app, ["tune", image, "--domain", "faces",
+                                              "--checkpoint", str(world["checkpoint"])]), 2)
+    assert "pre-trained for domain 'cats'" in line
+
+
+def test_concept_for_another_base_model_is_refused(world, tmp_path):
+    from e4tcli.tiny import build_tiny_base_model
+
+    other = build_tiny_base_model(tmp_path / "other-sd", seed=1)
+    line = one_line_error(runner.invoke(app, ["generate", str(world["concept"]), "S*", "--steps", "1",
+                                              "--base-model", str(other), "--out", str(tmp_path / "o")]), 2)
+    assert "base model mismatch" in line and "--base-model" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_concept_file(world, tmp_path):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"\x00" * 64)
+    line = one_line_error(runner.invoke(app, ["generate", str(bogus), "S*"]), 2)
+    assert "not a safetensors file" in line
+    line = one_line_error(runner.invoke(app, ["generate", str(tmp_path / "none.safetensors"), "S*"]), 2)
+    assert "concept file not found" in line
+
+
+def test_nan_loss_stops_and_keeps_the_existing_file(world, photo_folder, tmp_path):
+    out = tmp_path / "keep.safetensors"
+    out.write_bytes(b"precious")
+    result = runner.invoke(app, ["tune", str(photo_folder / "chelsea.png"), "--domain", "cats", "--checkpoint",
+                                 str(world["checkpoint"]), "--steps", "4", "--batch-size", "2", "--lr", "1e30",
+                                 "--out", str(out)])
+    line = one_line_error(result, 1)
+    assert "at step" in line and "nothing was written" in line
+    assert out.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_unknown_domain_and_bad_flags(world, photo_folder):
+    line = one_line_error(runner.invoke(app, ["tune", str(photo_folder / "chelsea.png"), "--domain", "dogs"]), 2)
+    assert "unknown domain 'dogs'" in line
+    assert runner.invoke(app, ["generate", str(world["concept"]), "S*", "--num-images", "0"]).exit_code == 2
+    line = one_line_error(runner.invoke(app, ["generate", str(world["concept"]), "S*", "--height", "60",
+                                              "--steps", "1"]), 2)
+    assert "multiples of 8" in line
