@@ -15,8 +15,19 @@ $(STAMP): pyproject.toml domains/faces/pyproject.toml domains/cats/pyproject.tom
 	$(BIN)/pip install -q --no-deps clip-anytorch
 	touch $(STAMP)
 
+# The main job, offline on a CPU: tiny random-weight models stand in for Stable Diffusion
+# (no weights can be downloaded here), pre-trained for a few steps, then tune + generate.
+DEMO := .cache/demo
 demo: $(STAMP)
 	$(BIN)/e4t domains
+	$(BIN)/python -m e4tcli.tiny $(DEMO)/models
+	$(BIN)/python scripts/demo_photos.py $(DEMO)/photos
+	$(BIN)/e4t pretrain --domain cats --data $(DEMO)/photos --out $(DEMO)/cats-checkpoint \
+	    --base-model $(DEMO)/models/sd --backbone $(DEMO)/models/backbone \
+	    --steps 20 --batch-size 4 --resolution 64 --encoder-hidden-dim 64
+	$(BIN)/e4t tune $(DEMO)/photos/chelsea.png --domain cats --checkpoint $(DEMO)/cats-checkpoint \
+	    --out $(DEMO)/chelsea.safetensors
+	$(BIN)/e4t generate $(DEMO)/chelsea.safetensors "S* as an astronaut" --num-images 4 --steps 20 --out outputs
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

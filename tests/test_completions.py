@@ -28,3 +28,8 @@ def test_domain_names_complete_from_the_registry():
 
 def test_commands_complete():
     assert "domains" in complete("e4t d", 1)
+
+
+def test_domain_option_completes_for_tune_and_pretrain():
+    assert complete("e4t tune cat.jpg --domain c", 4) == ["cats"]
+    assert complete("e4t pretrain --domain ", 3) == ["art", "cats", "faces"]
