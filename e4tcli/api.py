@@ -20,6 +20,8 @@ OnStep = Optional[Callable[[int, object], None]]
 # --------------------------------------------------------------------------- pretrain
 @dataclass
 class PretrainOptions:
+    """Every pre-training option; a YAML recipe sets the same names (see e4tcli.recipe)."""
+
     data: str
     out: str
     base_model: Optional[str] = None
@@ -35,6 +37,13 @@ class PretrainOptions:
     device: Optional[str] = None
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    gradient_accumulation: int = 1
+    checkpoint_every: int = 0
+    keep_last: int = 3
+    resume: Optional[str] = None
+    validate_every: int = 0
+    validation_images: int = 4
+    optimizer: str = "adamw"
 
 
 @dataclass
@@ -46,9 +55,28 @@ class PretrainResult:
     skipped_images: int = 0
 
 
+def make_accelerator(device: Optional[str], precision: str, gradient_accumulation: int):
+    """An accelerate Accelerator and the matching Placement (frozen-weight dtype)."""
+    import torch
+    from accelerate import Accelerator
+
+    from e4tcli.device import PRECISIONS, Placement
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    if precision == "auto":
+        precision = "fp32" if on_cpu else "fp16"
+    if on_cpu and precision != "fp32":
+        raise UsageError(f"{precision} is not supported on the CPU", hint="use --precision fp32 on the CPU")
+    mixed = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision]
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=gradient_accumulation, cpu=on_cpu)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return accelerator, Placement(accelerator.device, dtype)
+
+
 def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -> PretrainResult:
-    from e4tcli.device import choose_placement
-    from e4tcli.io.checkpoint import save_checkpoint
+    from e4tcli.io.training_state import resolve_resume
     from e4tcli.models.e4t import E4TModel, unet_channels
     from e4tcli.models.encoder import EncoderConfig
     from e4tcli.models.loading import load_backbone, load_base_model
@@ -56,8 +84,10 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
     from e4tcli.training.pretrain import PretrainSettings, pretrain_domain
 
     start = time.perf_counter()
+    run_dir = Path(options.out)
+    resume = resolve_resume(run_dir, options.resume) if options.resume else None
     dataset = domain.dataset(options.data)
-    placement = choose_placement(options.device, options.precision)
+    accelerator, placement = make_accelerator(options.device, options.precision, options.gradient_accumulation)
     base = load_base_model(options.base_model or domain.base_model, placement.device, placement.dtype)
     backbone = load_backbone(options.backbone or domain.backbone, placement.device, placement.dtype)
     vision = backbone.model.config
@@ -69,6 +99,9 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         hidden_dim=options.encoder_hidden_dim,
     )
     offset_config = OffsetConfig(kind=options.offsets, rank=options.offset_rank)
+    import torch
+
+    torch.manual_seed(options.seed)
     model = E4TModel(base, domain.class_word, encoder_config, offset_config, placement)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -81,23 +114,41 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         lambda_emb=defaults.lambda_emb,
         lambda_weights=domain.lambda_weights,
         seed=options.seed,
+        gradient_accumulation=options.gradient_accumulation,
+        checkpoint_every=options.checkpoint_every,
+        keep_last=options.keep_last,
+        validate_every=options.validate_every,
+        validation_images=options.validation_images,
+        optimizer=options.optimizer,
     )
-    losses = pretrain_domain(
-        model, backbone, dataset, domain.prompt_templates, settings, training_scheduler(base), on_step=on_step
-    )
+    recipe = {**asdict(options), "domain": domain.name}
     config = {
         "domain": domain.name,
         "class_word": domain.class_word,
         "base_model": {"source": base.source, "fingerprint": base.fingerprint},
         "backbone": {"source": backbone.source, "fingerprint": backbone.fingerprint},
         **model.describe(),
-        "training": {**asdict(settings), "precision": options.precision, "data": str(options.data)},
-        "step": settings.steps,
+        "training": {**asdict(settings), "precision": options.precision, "processes": accelerator.num_processes},
+        "recipe": recipe,
         "e4t_version": __version__,
     }
-    save_checkpoint(Path(options.out), config, model.trainable_state_dict())
+    if accelerator.is_main_process:
+        write_recipe(run_dir / "recipe.yaml", recipe)
+    losses, checkpoint = pretrain_domain(
+        model, backbone, dataset, domain.prompt_templates, settings, training_scheduler(base), run_dir, config,
+        accelerator, preprocess=None, resume=resume, on_step=on_step,
+    )
     skipped = len(getattr(dataset, "skipped", []))
-    return PretrainResult(Path(options.out), settings.steps, time.perf_counter() - start, losses, skipped)
+    return PretrainResult(checkpoint, settings.steps, time.perf_counter() - start, losses, skipped)
+
+
+def write_recipe(path: Path, recipe: dict) -> None:
+    import yaml
+
+    from e4tcli.io.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- tune
@@ -230,7 +281,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
         "token": PLACEHOLDER,
         "base_model": config["base_model"] | {"source": base.source},
         "backbone": config["backbone"],
-        "checkpoint": {"source": str(checkpoint_dir), "fingerprint": checkpoint.fingerprint},
+        "checkpoint": {"source": str(checkpoint.folder), "fingerprint": checkpoint.fingerprint},
         **model.describe(),
         "tuning": asdict(settings),
         "image": Path(options.image).name,

@@ -42,9 +42,12 @@ def world(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
 
 
 def test_pretrain_and_tune_report_json(world):
-    assert world["pretrained"]["checkpoint"] == str(world["checkpoint"])
+    final = world["checkpoint"] / "checkpoint-0000002"
+    assert world["pretrained"]["checkpoint"] == str(final)
     assert world["pretrained"]["steps"] == 2 and np.isfinite(world["pretrained"]["final_loss"])
-    assert sorted(p.name for p in world["checkpoint"].iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in world["checkpoint"].iterdir()) == [
+        "checkpoint-0000002", "latest", "log.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "optimizer.safetensors"]
     tuned = world["tuned"]
     assert tuned["concept"] == str(world["concept"]) and tuned["steps"] == 3
     assert tuned["size_bytes"] == world["concept"].stat().st_size

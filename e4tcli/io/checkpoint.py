@@ -5,13 +5,15 @@ content fingerprint), the encoder and offset configurations, every
 hyper-parameter and the step. ``model.safetensors`` holds the encoder and the
 weight offsets in their trainable parameterisation, so tuning continues from
 exactly where pre-training stopped. A checkpoint folder is always complete or
-absent (written under a temporary name, then renamed).
+absent (written under a temporary name, then renamed). A pre-training run
+folder (``checkpoint-NNNNNNN/`` folders and a ``latest`` file) may be given
+wherever a checkpoint is expected: its latest checkpoint is used.
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from e4tcli.errors import UsageError
 from e4tcli.io.atomic import atomic_folder
@@ -28,10 +30,16 @@ class DomainCheckpoint:
     config: dict[str, Any]
     tensors: dict[str, Any]
     fingerprint: str
+    folder: Path
 
 
-def save_checkpoint(folder: Path, config: dict[str, Any], tensors: dict[str, Any]) -> str:
-    """Write ``folder`` atomically; return the checkpoint's fingerprint."""
+def save_checkpoint(
+    folder: Path, config: dict[str, Any], tensors: dict[str, Any], extra: Optional[Callable[[Path], None]] = None
+) -> str:
+    """Write ``folder`` atomically; return the checkpoint's fingerprint.
+
+    ``extra(tmp_folder)`` may add files (e.g. optimizer state) before the rename.
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -40,6 +48,8 @@ def save_checkpoint(folder: Path, config: dict[str, Any], tensors: dict[str, Any
     with atomic_folder(Path(folder)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            extra(tmp)
     return fingerprint
 
 
@@ -47,6 +57,9 @@ def load_checkpoint(folder: Path) -> DomainCheckpoint:
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    latest = folder / "latest"
+    if not (folder / CONFIG_NAME).exists() and latest.is_file():  # a pre-training run folder
+        folder = folder / latest.read_text().strip()
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise UsageError(
@@ -63,4 +76,4 @@ def load_checkpoint(folder: Path) -> DomainCheckpoint:
         raise UsageError(f"{folder} was written by a newer e4t (format {config['version']})", hint="upgrade e4t")
     tensors = load_file(str(weights_path))
     fingerprint = fingerprint_tensors(tensors)
-    return DomainCheckpoint(config, tensors, fingerprint)
+    return DomainCheckpoint(config, tensors, fingerprint, folder)

@@ -50,7 +50,11 @@ def _not_found(kind: str, source: str, error: Exception, flag: str) -> UsageErro
 
 
 def load_base_model(source: str, device=None, dtype=None) -> BaseModel:
-    """Tokenizer, text encoder, VAE, UNet and scheduler config of a diffusers model."""
+    """Tokenizer, text encoder, VAE, UNet and scheduler config of a diffusers model.
+
+    Weights are read from safetensors only (``use_safetensors=True``): a
+    pickle-based ``.bin`` file is never unpickled.
+    """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -59,9 +63,9 @@ def load_base_model(source: str, device=None, dtype=None) -> BaseModel:
     _quiet_progress_bars()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError) as error:
         raise _not_found("base model", source, error, "--base-model") from None
@@ -84,7 +88,7 @@ def load_backbone(source: str, device=None, dtype=None) -> Backbone:
     _quiet_progress_bars()
     try:
         processor = CLIPImageProcessor.from_pretrained(source)
-        model = CLIPVisionModel.from_pretrained(source, torch_dtype=dtype or torch.float32)
+        model = CLIPVisionModel.from_pretrained(source, torch_dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise _not_found("image backbone", source, error, "--backbone") from None
     fingerprint = fingerprint_modules(backbone=model)

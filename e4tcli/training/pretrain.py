@@ -1,17 +1,43 @@
-"""Pre-training a domain: underfit many concepts, each training image its own concept."""
+"""Pre-training a domain: underfit many concepts, each training image its own concept.
 
+Runs on HuggingFace accelerate: one process by default, many GPUs or nodes
+under ``accelerate launch`` (DDP, DeepSpeed or FSDP from its config). Only
+the encoder and the weight offsets are wrapped for distribution; the frozen
+base model is never replicated into the optimizer.
+
+Reproducibility is by construction, not by saved RNG state: the global batch
+of step ``s`` (which images, flips, prompts) is drawn from ``seed`` and ``s``,
+and each sample's latent noise, diffusion noise and timestep from its own
+seed. So N processes sharing a global batch compute what one process would,
+and a run resumed from a checkpoint repeats exactly what the uninterrupted run
+would have done.
+"""
+
+import json
+import math
 import random
+import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch import nn
 
 from e4tcli.domain import PLACEHOLDER
+from e4tcli.errors import E4TError, RuntimeFailure, UsageError
+from e4tcli.io.training_state import load_training_state, prune_checkpoints, save_training_checkpoint
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import Backbone, backbone_features
 from e4tcli.training.images import latent_distribution, square_resize, to_pixels
 from e4tcli.training.step import Batch, StepLosses, training_step
-from e4tcli.training.tune import check_finite, optimizer_for
+
+
+class Interrupted(E4TError):
+    """SIGINT/SIGTERM: a resumable checkpoint was saved (exit code 130)."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -19,12 +45,172 @@ class PretrainSettings:
     steps: int
     learning_rate: float
     batch_size: int
+    """The global batch: per-device batch x processes x gradient accumulation."""
     resolution: int
     lambda_emb: float
     lambda_weights: float
     seed: int = 0
     weight_decay: float = 0.0
     flip: bool = True
+    gradient_accumulation: int = 1
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 3
+    validate_every: int = 0
+    """Every N steps, generate a grid for held-out images (0: never)."""
+    validation_images: int = 4
+    validation_steps: int = 20
+    optimizer: str = "adamw"
+
+
+@dataclass
+class PlannedSample:
+    index: int
+    flip: bool
+    template: str
+    seed: int
+
+
+def plan_step(step: int, settings: PretrainSettings, indices: Sequence[int], templates: Sequence[str]):
+    """The global batch of ``step``: a pure function of (seed, step)."""
+    rng = random.Random(f"{settings.seed}:{step}")
+    return [
+        PlannedSample(rng.choice(indices), settings.flip and rng.random() < 0.5, rng.choice(templates), rng.getrandbits(62))
+        for _ in range(settings.batch_size)
+    ]
+
+
+def prepare_images(dataset, samples: list[PlannedSample], resolution: int, preprocess=None) -> list:
+    images = []
+    for sample in samples:
+        image = dataset[sample.index]
+        image = square_resize(preprocess(image) if preprocess else image, resolution)
+        images.append(image.transpose(0) if sample.flip else image)
+    return images
+
+
+def make_batch(model: E4TModel, backbone: Backbone, images: list, samples: list[PlannedSample], noise_scheduler) -> Batch:
+    device = model.placement.device
+    mean, std = latent_distribution(model.vae, to_pixels(images))
+    latents, noise, timesteps = [], [], []
+    for i, sample in enumerate(samples):
+        generator = torch.Generator(device=device).manual_seed(sample.seed)
+        latents.append(mean[i] + std[i] * torch.randn(mean[i].shape, generator=generator, device=device))
+        noise.append(torch.randn(mean[i].shape, generator=generator, device=device))
+        timesteps.append(
+            torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator, device=device)
+        )
+    prompts = [sample.template for sample in samples]
+    return Batch(
+        latents=torch.stack(latents),
+        image_features=backbone_features(backbone, images, model.encoder_config.backbone_layers),
+        prompt_ids=model.tokenize(prompts),
+        class_prompt_ids=model.tokenize([p.replace(PLACEHOLDER, model.class_word) for p in prompts]),
+        noise=torch.stack(noise),
+        timesteps=torch.cat(timesteps),
+    )
+
+
+class TrainableParts(nn.Module):
+    """The encoder and the offsets as ONE module, so DDP/FSDP see exactly the trained parameters."""
+
+    def __init__(self, model: E4TModel):
+        super().__init__()
+        self.encoder = model.encoder
+        self.offsets = nn.ModuleList(layer.offset for layer in model.offsets.values())
+        object.__setattr__(self, "model", model)
+
+    def forward(self, batch: Batch, noise_scheduler, lambda_emb: float, lambda_weights: float):
+        losses = training_step(self.model, batch, noise_scheduler, lambda_emb, lambda_weights)
+        return losses.total, torch.stack([losses.total, losses.denoising, losses.embedding, losses.weights]).detach()
+
+
+def make_optimizer(parameters, settings: PretrainSettings):
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UsageError("--optimizer adamw8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    raise UsageError(f"unknown optimizer '{settings.optimizer}'", hint="use adamw or adamw8bit")
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts at once."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, number, _frame):
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+
+    def __exit__(self, *_):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainingLog:
+    """Losses as JSON lines (always) and TensorBoard scalars (when tensorboard is installed)."""
+
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "log.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():  # drop what a resumed run will redo
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def save_validation_grid(model, backbone, dataset, indices, settings, templates, path: Path, preprocess=None) -> None:
+    from e4tcli.io.atomic import atomic_file
+    from e4tcli.pipeline import SamplingSettings, generate_images, image_grid
+
+    images = []
+    for index in indices:
+        image = square_resize(preprocess(dataset[index]) if preprocess else dataset[index], settings.resolution)
+        features = backbone_features(backbone, [image], model.encoder_config.backbone_layers)
+        sampling = SamplingSettings(
+            prompt=templates[0], seed=settings.seed, steps=settings.validation_steps,
+            height=settings.resolution, width=settings.resolution,
+        )
+        images += [image] + generate_images(model, features[0], sampling)
+    with atomic_file(path) as tmp:
+        image_grid(images).save(tmp, format="PNG")
 
 
 def pretrain_domain(
@@ -34,38 +220,99 @@ def pretrain_domain(
     prompt_templates: tuple[str, ...],
     settings: PretrainSettings,
     noise_scheduler,
+    run_dir: Path,
+    checkpoint_config: dict,
+    accelerator,
     preprocess: Optional[Callable] = None,
-    on_step: Optional[Callable[[int, StepLosses], None]] = None,
-) -> list[dict[str, float]]:
-    """Train the encoder and the shared offsets on ``dataset``; return each step's losses."""
-    device = model.placement.device
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    torch.manual_seed(settings.seed)
-    optimizer = optimizer_for(model, settings.learning_rate, settings.weight_decay)
-    layers = model.encoder_config.backbone_layers
-    history = []
-    for step in range(1, settings.steps + 1):
-        images = []
-        for _ in range(settings.batch_size):
-            image = dataset[rng.randrange(len(dataset))]
-            image = square_resize(preprocess(image) if preprocess else image, settings.resolution)
-            images.append(image.transpose(0) if settings.flip and rng.random() < 0.5 else image)
-        mean, std = latent_distribution(model.vae, to_pixels(images))
-        latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
-        prompts = [rng.choice(prompt_templates) for _ in images]
-        batch = Batch(
-            latents=latents,
-            image_features=backbone_features(backbone, images, layers),
-            prompt_ids=model.tokenize(prompts),
-            class_prompt_ids=model.tokenize([p.replace(PLACEHOLDER, model.class_word) for p in prompts]),
+    resume: Optional[Path] = None,
+    on_step: Optional[Callable[[int, object], None]] = None,
+) -> tuple[list[dict], Path]:
+    """Train the encoder and the shared offsets; return each step's losses and the last checkpoint."""
+    world = accelerator.num_processes
+    per_device, remainder = divmod(settings.batch_size, world * settings.gradient_accumulation)
+    if remainder or per_device == 0:
+        raise UsageError(
+            f"batch size {settings.batch_size} does not split over {world} processes x "
+            f"{settings.gradient_accumulation} accumulation steps",
+            hint="make --batch-size a multiple of processes x --gradient-accumulation",
         )
-        losses = training_step(model, batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights, generator)
-        check_finite(losses, step)
-        optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
-        optimizer.step()
-        history.append(losses.as_floats())
-        if on_step is not None:
-            on_step(step, losses)
-    return history
+    held_out = list(range(len(dataset)))[-settings.validation_images:] if settings.validate_every else []
+    train_indices = [i for i in range(len(dataset)) if i not in set(held_out)] or list(range(len(dataset)))
+
+    torch.manual_seed(settings.seed)
+    parts = TrainableParts(model)
+    optimizer = make_optimizer(parts.parameters(), settings)
+    parts, optimizer = accelerator.prepare(parts, optimizer)
+    start = 0
+    if resume is not None:
+        start = load_training_state(resume, model, optimizer, checkpoint_config)
+    main = accelerator.is_main_process
+    log = TrainingLog(run_dir, start, enabled=main)
+    history, last_checkpoint = [], resume
+    rank = accelerator.process_index
+
+    def save(step: int) -> Path:
+        folder = run_dir / f"checkpoint-{step:07d}"
+        if main:
+            config = {**checkpoint_config, "step": step}
+            save_training_checkpoint(folder, config, model.trainable_state_dict(), optimizer.state_dict())
+            prune_checkpoints(run_dir, settings.keep_last)
+        accelerator.wait_for_everyone()
+        return folder
+
+    try:
+        with StopRequest() as stop:
+            for step in range(start + 1, settings.steps + 1):
+                began = time.perf_counter()
+                plan = plan_step(step, settings, train_indices, prompt_templates)
+                step_losses = []
+                for micro in range(settings.gradient_accumulation):
+                    first = (micro * world + rank) * per_device
+                    mine = plan[first : first + per_device]
+                    images = prepare_images(dataset, mine, settings.resolution, preprocess)
+                    batch = make_batch(model, backbone, images, mine, noise_scheduler)
+                    with accelerator.accumulate(parts):
+                        total, parts_losses = parts(batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights)
+                        if not math.isfinite(float(accelerator.reduce(parts_losses[0], "sum"))):
+                            raise RuntimeFailure(
+                                f"the loss became non-finite at step {step}; "
+                                f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint saved yet)'}",
+                                hint="lower --lr, use --precision bf16 or fp32, and --resume from that checkpoint",
+                            )
+                        accelerator.backward(total)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    step_losses.append(parts_losses)
+                mean = accelerator.reduce(torch.stack(step_losses).mean(0), "mean").tolist()
+                seconds = time.perf_counter() - began
+                record = {
+                    "step": step, "loss": mean[0], "denoising": mean[1], "embedding": mean[2], "weights": mean[3],
+                    "lr": settings.learning_rate, "seconds": round(seconds, 4),
+                    "images_per_second": round(settings.batch_size / seconds, 2),
+                }
+                history.append(record)
+                log.write(record)
+                if on_step is not None and main:
+                    on_step(step, StepLosses(*(torch.tensor(value) for value in mean)))
+                stopping = accelerator.reduce(
+                    torch.tensor([1.0 if stop.signal_name else 0.0], device=accelerator.device), "sum"
+                ).item() > 0
+                periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
+                if periodic or step == settings.steps or stopping:
+                    last_checkpoint = save(step)
+                if settings.validate_every and step % settings.validate_every == 0 and main and held_out:
+                    save_validation_grid(
+                        model, backbone, dataset, held_out, settings, prompt_templates,
+                        run_dir / "validation" / f"step-{step:07d}.png", preprocess,
+                    )
+                if stopping:
+                    raise Interrupted(
+                        f"stopped by {stop.signal_name or 'a signal'} after step {step}; "
+                        f"resumable checkpoint saved at {last_checkpoint}",
+                        hint="continue with the same command and --resume latest",
+                    )
+    finally:
+        log.close()
+    if last_checkpoint is None:
+        last_checkpoint = save(settings.steps)
+    return history, Path(last_checkpoint)

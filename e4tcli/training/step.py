@@ -25,6 +25,10 @@ class Batch:
     """The same prompts with the class word in place of S* (input of the encoder's UNet pass)."""
     loss_mask: Optional[torch.Tensor] = None
     """Optional (B, 1, h, w) weights of the noise-prediction loss, e.g. the face region."""
+    noise: Optional[torch.Tensor] = None
+    timesteps: Optional[torch.Tensor] = None
+    """Noise and timesteps may be drawn by the caller (per-sample seeds make multi-process
+    runs reproduce single-process ones); otherwise they are drawn from ``generator``."""
 
 
 @dataclass
@@ -57,10 +61,14 @@ def training_step(
 ) -> StepLosses:
     latents = batch.latents
     device = latents.device
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
-    )
+    noise = batch.noise
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    timesteps = batch.timesteps
+    if timesteps is None:
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
+        )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     unet_dtype = model.unet.dtype
 

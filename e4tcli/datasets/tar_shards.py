@@ -1,0 +1,196 @@
+"""Tar shards in the webdataset layout, indexed for random access.
+
+A shard is an uncompressed ``.tar`` whose members are grouped into samples by
+key: ``dir/000123.jpg`` and ``dir/000123.json`` both belong to sample
+``dir/000123`` (the key is the member path up to the first dot of its file
+name). A sample is kept when it has a ``jpg``, ``jpeg``, ``png`` or ``webp``
+member; its ``json`` and ``txt`` members become its metadata.
+
+The training loop draws ``dataset[random index]``, so the shards are indexed
+once at construction: only the 512-byte member headers are read (tarfile seeks
+over the data), and each item is later one ``seek`` + ``read`` of its bytes.
+Compressed shards (``.tar.gz``) cannot be read at an offset and are refused.
+Streaming shards sequentially without an index (for object stores) is a later
+step.
+"""
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple, Union
+
+from e4tcli.errors import UsageError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000..009}`` (zero-padded ranges) and ``{a,b}`` like a shell does, in order."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    numeric = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = max(len(first), len(last)) if first.startswith("0") or last.startswith("0") else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:  # a literal brace, e.g. "{x}": keep it and expand what follows
+        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
+    return [head + choice + rest for choice in choices for rest in expand_braces(tail)]
+
+
+def looks_like_shards(spec: Union[str, Path]) -> bool:
+    """Whether ``spec`` names tar shards: a brace/glob pattern, a ``.tar`` file, or a folder holding ``.tar`` files."""
+    path = Path(spec)
+    if path.is_file():
+        return path.suffix.lower() == ".tar"
+    if path.is_dir():
+        return any(p.suffix.lower() == ".tar" and p.is_file() for p in path.iterdir())
+    text = str(spec)
+    return bool(_BRACE.search(text)) or any(c in text for c in "*?[") or text.lower().endswith(".tar")
+
+
+def shard_paths(spec: Union[str, Path]) -> list[Path]:
+    """The shard files ``spec`` names, in order; a UsageError names the first one missing."""
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.suffix.lower() == ".tar" and p.is_file())
+    elif path.is_file():
+        paths = [path]
+    else:
+        paths = []
+        for name in expand_braces(text):
+            matches = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
+            paths.extend(Path(m) for m in matches)
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise UsageError(
+                f"tar shard not found: {missing[0]}" + (f" ({len(missing)} of {len(paths)} missing)" if len(missing) > 1 else ""),
+                hint="check the shard pattern, e.g. 'shards-{000..009}.tar'",
+            )
+    if not paths:
+        raise UsageError(f"no tar shards found for {text}", hint="pass a .tar, a folder of .tar files or 'shards-{000..009}.tar'")
+    compressed = [p for p in paths if p.name.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))]
+    if compressed:
+        raise UsageError(f"compressed shard {compressed[0]} cannot be read at random offsets", hint="use uncompressed .tar shards")
+    return paths
+
+
+class Member(NamedTuple):
+    shard: int
+    offset: int
+    size: int
+
+
+class TarShards:
+    """The images of webdataset-style tar shards; unreadable records are skipped and counted.
+
+    ``skipped`` lists ``"shard.tar:key"`` of samples whose image failed to decode
+    (replaced by the next readable one, as ImageFolder does) and
+    ``"shard.tar: ..."`` for a shard that is truncated or not a tar (the samples
+    before the damage are kept).
+    """
+
+    def __init__(self, spec: Union[str, Path]):
+        import tarfile
+
+        self.shards = shard_paths(spec)
+        self.skipped: list[str] = []
+        self.keys: list[str] = []
+        self.images: list[Member] = []
+        self.extras: list[dict[str, Member]] = []
+        for number, shard in enumerate(self.shards):
+            samples: dict[str, dict[str, Member]] = {}
+            try:
+                with tarfile.open(shard, mode="r:") as archive:
+                    for info in archive:
+                        if info.isfile():
+                            folder, _, name = info.name.rpartition("/")
+                            stem, dot, extension = name.partition(".")
+                            if dot:
+                                key = f"{folder}/{stem}" if folder else stem
+                                samples.setdefault(key, {})[extension.lower()] = Member(number, info.offset_data, info.size)
+            except (tarfile.TarError, OSError) as error:
+                self.skipped.append(f"{shard.name}: {type(error).__name__}: {error} (kept the {len(samples)} samples before it)")
+            for key, members in samples.items():
+                image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+                if image is not None:
+                    self.keys.append(key)
+                    self.images.append(image)
+                    self.extras.append({e: m for e, m in members.items() if e in ("json", "txt")})
+        if not self.images:
+            raise UsageError(
+                f"no jpg, png or webp members in {len(self.shards)} tar shard(s) of {spec}",
+                hint="shards hold <key>.jpg|png|webp members (webdataset layout)",
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _read(self, member: Member) -> bytes:
+        # Opening per read keeps the object fork- and pickle-safe and never
+        # holds thousands of descriptors; the open costs microseconds.
+        with open(self.shards[member.shard], "rb") as handle:
+            handle.seek(member.offset)
+            data = handle.read(member.size)
+        if len(data) != member.size:
+            raise OSError("shard ends inside this member")
+        return data
+
+    def _readable(self, index: int):
+        """``(i, image)`` for the first decodable sample at or after ``index``."""
+        import io
+
+        from e4tcli.datasets.image_folder import load_rgb
+
+        count = len(self.images)
+        for offset in range(count):
+            i = (index + offset) % count
+            try:
+                return i, load_rgb(io.BytesIO(self._read(self.images[i])))
+            except Exception:
+                name = f"{self.shards[self.images[i].shard].name}:{self.keys[i]}"
+                if name not in self.skipped:
+                    self.skipped.append(name)
+        raise UsageError(f"no image in the tar shards could be decoded ({count} tried)", hint="check the shard files")
+
+    def __getitem__(self, index: int):
+        return self._readable(index)[1]
+
+    def metadata(self, index: int) -> dict:
+        """``key``, ``shard``, the fields of the sample's ``.json`` (an object) and its ``.txt`` as ``txt``."""
+        import json
+
+        index %= len(self.images)
+        out: dict = {}
+        extras = self.extras[index]
+        if "json" in extras:
+            try:
+                value = json.loads(self._read(extras["json"]))
+                out.update(value if isinstance(value, dict) else {"json": value})
+            except (ValueError, OSError):
+                pass
+        if "txt" in extras:
+            try:
+                out["txt"] = self._read(extras["txt"]).decode("utf-8", errors="replace")
+            except OSError:
+                pass
+        out.update(key=self.keys[index], shard=self.shards[self.images[index].shard].name)
+        return out
+
+    def sample(self, index: int) -> tuple:
+        """``(image, metadata)`` of one sample, both from the same record when one is substituted."""
+        i, image = self._readable(index)
+        return image, self.metadata(i)
+
+
+def tar_shards(spec: Union[str, Path]) -> TarShards:
+    """Dataset factory: webdataset tar shards (a .tar, a folder of them, or ``shards-{000..009}.tar``)."""
+    return TarShards(os.fspath(spec))
