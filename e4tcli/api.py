@@ -420,6 +420,10 @@ def training_scheduler(base):
 def enable_gradient_checkpointing(model) -> None:
     model.unet.enable_gradient_checkpointing()
     model.unet.train()
-    if hasattr(model.text_encoder, "gradient_checkpointing_enable"):
-        model.text_encoder.gradient_checkpointing_enable()
-        model.text_encoder.train()
+    text_encoder = model.text_encoder
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or getattr(
+        text_encoder, "gradient_checkpointing_enable", None
+    )
+    if enable is not None:
+        enable()
+        text_encoder.train()

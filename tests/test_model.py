@@ -114,3 +114,4 @@ def test_gradients_reach_only_encoder_and_offsets(tiny_sd):
         for p in module.parameters():
             if id(p) not in trainable:
                 assert p.grad is None and not p.requires_grad
+

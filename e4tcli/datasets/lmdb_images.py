@@ -91,6 +91,8 @@ _ENVIRONMENTS: dict = {}
 def _open_environment(path: Path):
     key = (str(path.resolve()), os.getpid())
     if key not in _ENVIRONMENTS:
+        for other in [k for k in _ENVIRONMENTS if k[0] == key[0]]:
+            _ENVIRONMENTS.pop(other).close()  # inherited through a fork: this process needs its own
         try:
             import lmdb
         except ImportError:

@@ -110,6 +110,11 @@ class OffsetLinear(nn.Module):
         return ((column.T @ column) * (row.T @ row)).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (W * (1 + dW))^T + b``, the modulated weight formed in fp32, then cast to x's dtype.
+
+        In fp16/bf16 an offset smaller than the format's resolution rounds away,
+        exactly as the base weights' own rounding does; training keeps dW in fp32.
+        """
         delta = self.delta()
         weight = self.base_layer.weight.to(delta.dtype)
         modulated = (weight + weight * delta).to(x.dtype)

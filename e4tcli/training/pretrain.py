@@ -127,7 +127,7 @@ class TrainableParts(nn.Module):
 
 def make_optimizer(parameters, settings: PretrainSettings):
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, foreach=True)
     if settings.optimizer == "adamw8bit":
         try:
             import bitsandbytes

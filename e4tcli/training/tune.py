@@ -29,7 +29,7 @@ class TuneSettings:
 
 def optimizer_for(model: E4TModel, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the encoder and the weight offsets, constant learning rate."""
-    return torch.optim.AdamW(model.trainable_parameters(), lr=learning_rate, weight_decay=weight_decay)
+    return torch.optim.AdamW(model.trainable_parameters(), lr=learning_rate, weight_decay=weight_decay, foreach=True)
 
 
 def check_finite(losses: StepLosses, step: int) -> None:
@@ -72,6 +72,8 @@ def tune_concept(
     features = image_features.to(device).float()
 
     optimizer = optimizer_for(model, settings.learning_rate, settings.weight_decay)
+    # fp16 activations need loss scaling so small gradients do not underflow (bf16 and fp32 do not).
+    scaler = torch.amp.GradScaler(device.type, enabled=model.placement.dtype == torch.float16)
     history = []
     for step in range(1, settings.steps + 1):
         choice = torch.randint(0, len(views), (settings.batch_size,), generator=generator, device=device)
@@ -87,8 +89,9 @@ def tune_concept(
         losses = training_step(model, batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights, generator)
         check_finite(losses, step)
         optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
-        optimizer.step()
+        scaler.scale(losses.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
         history.append(losses.as_floats())
         if on_step is not None:
             on_step(step, losses)

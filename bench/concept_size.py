@@ -1,0 +1,271 @@
+"""Size on disk of a concept file and of a domain checkpoint at SD 1.5 shapes.
+
+What it computes, from parameter counts (nothing is downloaded):
+
+- a concept (``e4t tune``'s output) holds, in fp32: the encoder's parameters,
+  for every to_q/to_k/to_v of every attention layer the two factors of dW
+  (``E4TModel.concept_state_dict``: a column (out x k) and a row (in x k),
+  k = 1 for 'paper', the rank for 'lowrank'), and the reference image's
+  backbone features (layers x width). SD 1.5 + ViT-H/14: the encoder is
+  configured as ``e4tcli.api.pretrain`` does it (backbone width 1280, every
+  2nd of 32 layers, the UNet's block_out_channels + mid block, token width
+  768, hidden 768);
+- a domain checkpoint (``e4t pretrain``'s output) holds the encoder and the
+  offsets in their trainable form: 'paper' has per projection the constant,
+  the two maps to column and row, and the out x out and in x in maps (P, Q).
+
+The UNet is instantiated on the meta device (shapes, no memory) and walked
+the way ``add_weight_offsets`` walks it; offsets and the encoder are built on
+the meta device from e4t's own classes, so the counts follow the code.
+
+The formula is VERIFIED on the tiny model: a real concept is written with
+``e4tcli.io.concept.save_concept`` and its size compared with 8 + header +
+predicted tensor bytes. The SD 1.5-shaped concept is also written (zeros,
+into a temp folder, ~80 MB) to measure its header.
+
+Why: concepts are meant to be shared like LoRAs, not 4 GB UNets.
+TARGET: a concept file <= 100 MB (MB = 10^6 bytes here).
+
+Usage: .venv/bin/python bench/concept_size.py [--rank 4] [--no-write] [--json]
+"""
+
+import argparse
+import json
+import os
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+FP32 = 4
+
+
+@dataclass
+class Config:
+    rank: int = 4
+    write: bool = True
+    json: bool = False
+
+
+@dataclass
+class Counts:
+    """Parameter counts of what a concept and a domain checkpoint store."""
+
+    projections: int
+    encoder: int
+    encoder_parts: dict
+    concept_offsets: int
+    checkpoint_offsets: int
+    image_features: int
+
+    @property
+    def concept_bytes(self) -> int:
+        return FP32 * (self.encoder + self.concept_offsets + self.image_features)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return FP32 * (self.encoder + self.checkpoint_offsets)
+
+
+def projections(unet) -> list[tuple[str, int, int]]:
+    """(name, out, in) of every q/k/v projection that ``add_weight_offsets`` wraps."""
+    from diffusers.models.attention_processor import Attention
+
+    from e4tcli.models.weight_offsets import TARGETS, OffsetLinear
+
+    found = []
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention):
+            for target in TARGETS:
+                layer = getattr(module, target)
+                layer = layer.base_layer if isinstance(layer, OffsetLinear) else layer
+                found.append((f"{name}.{target}", layer.out_features, layer.in_features))
+    return found
+
+
+def count(unet, encoder_config, offset_config) -> Counts:
+    from e4tcli.models.encoder import E4TEncoder
+    from e4tcli.models.weight_offsets import make_offset
+
+    layers = projections(unet)
+    concept_offsets = checkpoint_offsets = 0
+    with torch.device("meta"):
+        encoder = E4TEncoder(encoder_config)
+        for _, out_features, in_features in layers:
+            offset = make_offset(offset_config, out_features, in_features)
+            checkpoint_offsets += common.count(offset.parameters())
+            concept_offsets += sum(f.numel() for f in offset.factors())
+    parts = {
+        "image_layers": common.count(encoder.image_layers.parameters()),
+        "unet_layer": common.count(encoder.unet_layer.parameters()),
+        "head": common.count(encoder.head.parameters()),
+    }
+    features = len(encoder_config.backbone_layers) * encoder_config.backbone_hidden_size
+    return Counts(len(layers), common.count(encoder.parameters()), parts, concept_offsets, checkpoint_offsets, features)
+
+
+def sd15_encoder_config(unet):
+    from e4tcli.models.e4t import unet_channels
+    from e4tcli.models.encoder import EncoderConfig
+
+    return EncoderConfig(
+        backbone_hidden_size=1280,
+        backbone_layers=EncoderConfig.every_second_layer(32),
+        unet_channels=unet_channels(unet),
+        embedding_dim=768,
+        hidden_dim=768,
+    )
+
+
+def concept_info(model, image: str = "image.png") -> dict:
+    """Metadata shaped like ``e4tcli.api.tune``'s (the header holds it as JSON)."""
+    from dataclasses import asdict
+
+    from e4tcli import __version__
+    from e4tcli.training.tune import TuneSettings
+
+    tuning = TuneSettings(steps=5, learning_rate=1.6e-5, batch_size=16, resolution=512, lambda_emb=0.1,
+                          lambda_weights=1e-4)
+    return {
+        "domain": "faces", "class_word": model.class_word, "token": "S*",
+        "base_model": {"source": "runwayml/stable-diffusion-v1-5", "fingerprint": "0123456789abcdef"},
+        "backbone": {"source": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "fingerprint": "0123456789abcdef"},
+        "checkpoint": {"source": "/checkpoints/faces", "fingerprint": "0123456789abcdef"},
+        **model.describe(), "tuning": asdict(tuning), "image": image, "e4t_version": __version__,
+    }
+
+
+def header_bytes(path: Path) -> int:
+    """safetensors: an 8-byte little-endian length, then a JSON header of that length."""
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def write_concept(tensors: dict, info: dict) -> tuple[int, int]:
+    """(file bytes, header bytes) of ``tensors`` written with e4t's own ``save_concept``."""
+    from e4tcli.io.concept import save_concept
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "concept.safetensors"
+        size = save_concept(path, tensors, info)
+        return size, header_bytes(path)
+
+
+def verify_tiny(kind: str, rank: int) -> dict:
+    """Write a real tiny concept and compare its size with the formula."""
+    from e4tcli.device import Placement
+    from e4tcli.models.e4t import E4TModel
+    from e4tcli.models.weight_offsets import OffsetConfig
+
+    base = common.build_base("tiny")
+    encoder_config = common.encoder_config_for(base, common.vision_config("tiny"))
+    offset_config = OffsetConfig(kind=kind, rank=rank)
+    predicted = count(base.unet, encoder_config, offset_config)
+    model = E4TModel(base, "face", encoder_config, offset_config, Placement(torch.device("cpu"), torch.float32))
+    features = torch.randn(len(encoder_config.backbone_layers), encoder_config.backbone_hidden_size)
+    tensors = {**model.concept_state_dict(), "image_features": features}
+    size, header = write_concept(tensors, concept_info(model))
+    payload = size - 8 - header
+    return {"model": "tiny", "offsets": kind, "predicted_tensor_bytes": predicted.concept_bytes,
+            "file_bytes": size, "header_bytes": header, "file_minus_header": payload,
+            "match": payload == predicted.concept_bytes}
+
+
+def sd15_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
+    from e4tcli.models.weight_offsets import OffsetConfig
+
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        unet = common.build_unet(common.SD15)
+    encoder_config = sd15_encoder_config(unet)
+    rows, parts, measured = [], None, {}
+    for kind in ("paper", "lowrank"):
+        offset_config = OffsetConfig(kind=kind, rank=cfg.rank)
+        c = count(unet, encoder_config, offset_config)
+        parts = c.encoder_parts
+        label = kind if kind == "paper" else f"lowrank r={cfg.rank}"
+        header = None
+        if cfg.write:
+            header = measure_sd15_header(unet, encoder_config, offset_config, c)
+            measured[kind] = header
+        rows.append({"file": "concept", "offsets": label, "encoder_params": c.encoder,
+                     "offset_params": c.concept_offsets, "feature_values": c.image_features,
+                     "MB": c.concept_bytes / 1e6, "header_kB": None if header is None else header["header"] / 1e3,
+                     "file_MB": None if header is None else header["size"] / 1e6})
+        rows.append({"file": "domain checkpoint", "offsets": label, "encoder_params": c.encoder,
+                     "offset_params": c.checkpoint_offsets, "feature_values": 0, "MB": c.checkpoint_bytes / 1e6})
+    unet_params = common.count(unet.parameters())
+    rows.append({"file": "dreambooth UNet fp16", "offsets": "-", "offset_params": unet_params,
+                 "MB": 2 * unet_params / 1e6})
+    rows.append({"file": "textual inversion fp32", "offsets": "-", "offset_params": 768, "MB": FP32 * 768 / 1e6})
+    meta = {"attention_projections": c.projections, "encoder_config": encoder_config.__dict__}
+    return rows, parts, meta
+
+
+def measure_sd15_header(unet, encoder_config, offset_config, counts: Counts) -> dict:
+    """Write an SD 1.5-shaped concept of zeros through ``save_concept``; check the size and return it."""
+    from e4tcli.models.encoder import E4TEncoder
+    from e4tcli.models.weight_offsets import make_offset
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in E4TEncoder(encoder_config).state_dict().items()}
+    tensors = {f"encoder.{k}": torch.zeros(shape) for k, shape in shapes.items()}
+    with torch.device("meta"):
+        for name, out_features, in_features in projections(unet):
+            column, row = make_offset(offset_config, out_features, in_features).factors()
+            tensors[f"offsets.{name}.column"] = torch.zeros(column.shape, device="cpu")
+            tensors[f"offsets.{name}.row"] = torch.zeros(row.shape, device="cpu")
+    tensors["image_features"] = torch.zeros(len(encoder_config.backbone_layers), encoder_config.backbone_hidden_size)
+
+    class Described:  # what concept_info needs of a model
+        class_word = "face"
+
+        @staticmethod
+        def describe():
+            from dataclasses import asdict
+
+            return {"encoder": asdict(encoder_config), "offsets": asdict(offset_config)}
+
+    size, header = write_concept(tensors, concept_info(Described))
+    assert size - 8 - header == counts.concept_bytes, "SD 1.5 concept size does not follow the formula"
+    return {"size": size, "header": header}
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=4, help="rank of the 'lowrank' offsets")
+    parser.add_argument("--no-write", action="store_true", help="do not write the SD 1.5-shaped concept")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    return Config(args.rank, not args.no_write, args.json)
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    rows, parts, meta = sd15_rows(cfg)
+    checks = [verify_tiny("paper", cfg.rank), verify_tiny("lowrank", cfg.rank)]
+    concept = rows[0]
+    if cfg.json:
+        print(json.dumps({"sd15": rows, "encoder_parts": parts, **meta, "tiny_checks": checks}, indent=2, default=str))
+        return
+    print(f"SD 1.5 + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; fp32; MB = 1e6 bytes")
+    common.print_table(rows, ["file", "offsets", "encoder_params", "offset_params", "feature_values", "MB",
+                              "header_kB", "file_MB"])
+    print()
+    total = sum(parts.values())
+    common.print_table([{"encoder part": k, "params": v, "MB": FP32 * v / 1e6, "share": v / total}
+                        for k, v in parts.items()], title="encoder parameters (SD 1.5 + ViT-H/14)")
+    print()
+    common.print_table(checks, title="formula check on the tiny model (real concept written with save_concept)")
+    size = concept["file_MB"] if concept["file_MB"] is not None else concept["MB"]
+    print(f"target concept <= 100 MB: {size:.1f} MB {'OK' if size <= 100 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
