@@ -245,7 +245,10 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
             hint=f"pass --domain {config['domain']}, or a checkpoint of domain '{domain.name}'",
         )
     if domain.preprocess is not None:
-        image = domain.preprocess(image)
+        try:
+            image = domain.preprocess(image)
+        except UsageError as error:
+            raise UsageError(f"{options.image}: {error.message}", hint=error.hint) from None
 
     placement = choose_placement(options.device, options.precision)
     base = load_base_model(options.base_model or config["base_model"]["source"], placement.device, placement.dtype)

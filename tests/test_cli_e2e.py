@@ -155,3 +155,20 @@ def test_unknown_domain_and_bad_flags(world, photo_folder):
     line = one_line_error(runner.invoke(app, ["generate", str(world["concept"]), "S*", "--height", "60",
                                               "--steps", "1"]), 2)
     assert "multiples of 8" in line
+
+
+def test_faces_domain_aligns_a_face_and_refuses_a_photo_without_one(tiny_sd, tiny_backbone, photo_folder, tmp_path):
+    checkpoint = tmp_path / "faces"
+    result = runner.invoke(app, [
+        "pretrain", "--domain", "faces", "--data", str(photo_folder), "--out", str(checkpoint),
+        "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "1", "--batch-size", "2",
+        "--resolution", "64", "--encoder-hidden-dim", "32", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    tuned = runner.invoke(app, ["tune", str(photo_folder / "astronaut.png"), "--domain", "faces", "--checkpoint",
+                                str(checkpoint), "--steps", "1", "--batch-size", "2",
+                                "--out", str(tmp_path / "face.safetensors"), "--json"])
+    assert tuned.exit_code == 0, tuned.output
+    line = one_line_error(runner.invoke(app, ["tune", str(photo_folder / "coffee.png"), "--domain", "faces",
+                                              "--checkpoint", str(checkpoint), "--steps", "1"]), 2)
+    assert "coffee.png" in line and "no face found" in line

@@ -98,12 +98,21 @@ def test_lmdb_reads_every_record_and_skips_the_corrupt_one(lmdb_folder, photos):
     assert meta["key"] == keys[(broken + 1) % 5].decode() and same_picture(image, by_key[keys[(broken + 1) % 5]])
 
 
-def test_lmdb_pickles_for_workers_and_opens_data_mdb_directly(lmdb_folder):
+def first_size(data):
+    return data[0].size
+
+
+def test_lmdb_pickles_and_forks_for_workers_and_opens_data_mdb_directly(lmdb_folder):
+    import multiprocessing
+
     folder, _ = lmdb_folder
     data = LmdbImages(folder)
-    first = data[0]
+    first = data[0]  # the parent opens the environment before the fork
     clone = pickle.loads(pickle.dumps(data))
     assert np.array_equal(np.asarray(clone[0]), np.asarray(first))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(first_size, (data,)) == first.size
+    assert np.array_equal(np.asarray(data[0]), np.asarray(first))  # the parent's handle survived the child
     assert len(LmdbImages(folder / "data.mdb")) == 5
 
 

@@ -1,7 +1,12 @@
 """The art domain: artistic styles, pre-trained on WikiArt-style paintings."""
 
 from e4tcli import Domain, PhaseDefaults, hookimpl
-from e4tcli.datasets import image_folder
+from e4tcli.datasets import any_images, wikiart
+
+
+def wikiart_or_shards(path):
+    """WikiArt as distributed (style folders, CSV split when present), or tar shards / LMDB."""
+    return any_images(path, folder=wikiart)
 
 
 @hookimpl
@@ -23,6 +28,6 @@ def register_domains(register):
             pretrain=PhaseDefaults(steps=100_000, learning_rate=1.6e-5, batch_size=16, resolution=512, lambda_emb=0.01),
             tune=PhaseDefaults(steps=5, learning_rate=1.6e-5, batch_size=16, resolution=512, lambda_emb=0.1),
             lambda_weights=1e-4,
-            dataset=image_folder,
+            dataset=wikiart_or_shards,
         )
     )

@@ -1,7 +1,11 @@
-"""The cats domain: house cats, pre-trained on LSUN-Cat-style photos."""
+"""The cats domain: house cats, pre-trained on LSUN-Cat-style photos.
+
+Data: LSUN-Cat as distributed (an LMDB folder holding data.mdb), a folder of
+photos, or tar shards: ``any_images`` picks by what is on disk.
+"""
 
 from e4tcli import Domain, PhaseDefaults, hookimpl
-from e4tcli.datasets import image_folder
+from e4tcli.datasets import any_images
 
 
 @hookimpl
@@ -23,6 +27,6 @@ def register_domains(register):
             pretrain=PhaseDefaults(steps=60_000, learning_rate=1.6e-5, batch_size=16, resolution=512, lambda_emb=0.01),
             tune=PhaseDefaults(steps=5, learning_rate=1.6e-5, batch_size=16, resolution=512, lambda_emb=0.1),
             lambda_weights=1e-4,
-            dataset=image_folder,
+            dataset=any_images,
         )
     )
