@@ -44,6 +44,9 @@ class PretrainOptions:
     validate_every: int = 0
     validation_images: int = 4
     optimizer: str = "adamw"
+    workers: int = 0
+    cache_features: bool = False
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -120,6 +123,9 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         validate_every=options.validate_every,
         validation_images=options.validation_images,
         optimizer=options.optimizer,
+        workers=options.workers,
+        cache_features=options.cache_features,
+        ema_decay=options.ema_decay,
     )
     recipe = {**asdict(options), "domain": domain.name}
     config = {

@@ -158,3 +158,24 @@ def test_two_processes_match_one_process(base_args, tmp_path):
     difference = max((a[k] - b[k]).abs().max().item() for k in a)
     assert difference < 1e-6, difference  # summation order differs across processes; seen: ~1.5e-8
     assert losses(one) == pytest.approx(losses(two), rel=1e-5)
+
+
+def test_workers_cache_and_ema(base_args, tmp_path):
+    """Decoding in 2 workers or from the feature cache trains exactly like decoding inline; EMA is saved."""
+    inline, workers, cached = tmp_path / "inline", tmp_path / "workers", tmp_path / "cached"
+    common = [*base_args, "--steps", "2"]
+    assert pretrain([*common, "--out", str(inline)]).exit_code == 0
+    assert pretrain([*common, "--out", str(workers), "--workers", "2"]).exit_code == 0
+    result = pretrain([*common, "--out", str(cached), "--cache-features", "--ema-decay", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert losses(workers) == losses(inline)
+    assert losses(cached) == pytest.approx(losses(inline), rel=1e-6)
+    assert (cached / "cache" / "cache.json").is_file()
+    final = cached / "checkpoint-0000002"
+    raw, ema = weights(final), load_file(str(final / "ema.safetensors"))
+    assert raw.keys() == ema.keys()
+    moved = [k for k in raw if not torch.equal(raw[k], ema[k])]
+    assert moved, "the EMA lags behind the raw weights"
+    from e4tcli.io.checkpoint import load_checkpoint
+
+    assert all(torch.equal(load_checkpoint(cached).tensors[k], ema[k]) for k in ema)

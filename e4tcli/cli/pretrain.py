@@ -67,6 +67,16 @@ def pretrain(
         Optional[int], typer.Option("--validate-every", min=0, help="Save a grid for held-out images every N steps.")
     ] = None,
     optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="adamw (default) or adamw8bit.")] = None,
+    workers: Annotated[
+        Optional[int], typer.Option("--workers", min=0, help="Data-loader processes decoding images (default 0).")
+    ] = None,
+    cache_features: Annotated[
+        Optional[bool],
+        typer.Option("--cache-features/--no-cache-features", help="Pre-compute VAE latents and backbone features once."),
+    ] = None,
+    ema_decay: Annotated[
+        Optional[float], typer.Option("--ema-decay", min=0.0, max=1.0, help="Keep an EMA of the trained weights (e.g. 0.999).")
+    ] = None,
     device: DeviceOption = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="auto, fp32, fp16 or bf16.")] = None,
     gradient_checkpointing: Annotated[
@@ -89,7 +99,8 @@ def pretrain(
         offsets=offsets, offset_rank=offset_rank, encoder_hidden_dim=encoder_hidden_dim,
         gradient_accumulation=gradient_accumulation, checkpoint_every=checkpoint_every, keep_last=keep_last,
         resume=resume, validate_every=validate_every, optimizer=optimizer, device=device, precision=precision,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, workers=workers, cache_features=cache_features,
+        ema_decay=ema_decay,
     )
     settings = merge_recipe(load_recipe(config) if config else {}, flags)
     for required, flag in (("domain", "--domain"), ("data", "--data"), ("out", "--out")):

@@ -23,6 +23,7 @@ FORMAT = "e4t-domain-checkpoint"
 VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"
 
 
 @dataclass
@@ -53,7 +54,8 @@ def save_checkpoint(
     return fingerprint
 
 
-def load_checkpoint(folder: Path) -> DomainCheckpoint:
+def load_checkpoint(folder: Path, prefer_ema: bool = True) -> DomainCheckpoint:
+    """Load a checkpoint; its EMA weights (``ema.safetensors``) when present and ``prefer_ema``."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -74,6 +76,7 @@ def load_checkpoint(folder: Path) -> DomainCheckpoint:
         raise UsageError(f"{folder} is not an e4t domain checkpoint", hint="pass a folder written by 'e4t pretrain'")
     if config.get("version", 0) > VERSION:
         raise UsageError(f"{folder} was written by a newer e4t (format {config['version']})", hint="upgrade e4t")
-    tensors = load_file(str(weights_path))
+    ema_path = folder / EMA_NAME
+    tensors = load_file(str(ema_path if prefer_ema and ema_path.is_file() else weights_path))
     fingerprint = fingerprint_tensors(tensors)
     return DomainCheckpoint(config, tensors, fingerprint, folder)

@@ -11,11 +11,11 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from e4tcli.errors import UsageError
 from e4tcli.io.atomic import atomic_file
-from e4tcli.io.checkpoint import load_checkpoint, save_checkpoint
+from e4tcli.io.checkpoint import EMA_NAME, load_checkpoint, save_checkpoint
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 LATEST_NAME = "latest"
@@ -44,13 +44,17 @@ def optimizer_from_safetensors(tensors: dict, metadata: dict) -> dict:
     return {"state": state, "param_groups": metadata["param_groups"]}
 
 
-def save_training_checkpoint(folder: Path, config: dict, model_tensors: dict, optimizer_state: dict) -> None:
+def save_training_checkpoint(
+    folder: Path, config: dict, model_tensors: dict, optimizer_state: dict, ema: Optional[dict] = None
+) -> None:
     from safetensors.torch import save_file
 
     tensors, metadata = optimizer_to_safetensors(optimizer_state)
 
     def write_optimizer(tmp: Path) -> None:
         save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"e4t": json.dumps(metadata)})
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / EMA_NAME))
 
     save_checkpoint(folder, config, model_tensors, extra=write_optimizer)
     with atomic_file(folder.parent / LATEST_NAME) as tmp:
@@ -75,12 +79,12 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
     return run_dir / pointer.read_text().strip()
 
 
-def load_training_state(folder: Path, model, optimizer, expected: dict) -> int:
-    """Restore model and optimizer from ``folder``; return its step."""
+def load_training_state(folder: Path, model, optimizer, expected: dict) -> tuple[int, Optional[dict]]:
+    """Restore model and optimizer from ``folder``; return its step and its EMA weights (if any)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    checkpoint = load_checkpoint(folder)
+    checkpoint = load_checkpoint(folder, prefer_ema=False)
     for key in ("domain", "base_model", "backbone", "encoder", "offsets"):
         if json.dumps(checkpoint.config.get(key), sort_keys=True) != json.dumps(expected.get(key), sort_keys=True):
             raise UsageError(
@@ -94,6 +98,8 @@ def load_training_state(folder: Path, model, optimizer, expected: dict) -> int:
     with safe_open(str(optimizer_path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["e4t"])
     optimizer.load_state_dict(optimizer_from_safetensors(load_file(str(optimizer_path)), metadata))
-    return int(checkpoint.config["step"])
+    ema_path = checkpoint.folder / EMA_NAME
+    ema = load_file(str(ema_path)) if ema_path.is_file() else None
+    return int(checkpoint.config["step"]), ema
 
 

@@ -149,6 +149,13 @@ class E4TModel:
     def offsets_squared_norm(self) -> torch.Tensor:
         return offsets_squared_norm(self.offsets)
 
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable parameters under the names ``trainable_state_dict`` uses."""
+        named = {f"encoder.{k}": v for k, v in self.encoder.named_parameters()}
+        for name, layer in self.offsets.items():
+            named.update({f"offsets.{name}.{k}": v for k, v in layer.offset.named_parameters()})
+        return named
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder and offset parameters, as they train (the domain-checkpoint content)."""
         state = {f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()}

@@ -13,6 +13,7 @@ and a run resumed from a checkpoint repeats exactly what the uninterrupted run
 would have done.
 """
 
+import functools
 import json
 import math
 import random
@@ -30,7 +31,8 @@ from e4tcli.errors import E4TError, RuntimeFailure, UsageError
 from e4tcli.io.training_state import load_training_state, prune_checkpoints, save_training_checkpoint
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import Backbone, backbone_features
-from e4tcli.training.images import latent_distribution, square_resize, to_pixels
+from e4tcli.training.data import FeatureCache, MicroBatches, encode_arrays, loader
+from e4tcli.training.images import square_resize
 from e4tcli.training.step import Batch, StepLosses, training_step
 
 
@@ -61,6 +63,12 @@ class PretrainSettings:
     validation_images: int = 4
     validation_steps: int = 20
     optimizer: str = "adamw"
+    workers: int = 0
+    """DataLoader worker processes decoding images (0: decode in the training process)."""
+    cache_features: bool = False
+    """Pre-compute every image's VAE posterior and backbone features once, into the run folder."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights (0: off); tuning then starts from it."""
 
 
 @dataclass
@@ -71,7 +79,7 @@ class PlannedSample:
     seed: int
 
 
-def plan_step(step: int, settings: PretrainSettings, indices: Sequence[int], templates: Sequence[str]):
+def plan_step(step: int, settings: PretrainSettings, indices: Sequence[int], templates: Sequence[str]) -> list[PlannedSample]:
     """The global batch of ``step``: a pure function of (seed, step)."""
     rng = random.Random(f"{settings.seed}:{step}")
     return [
@@ -80,18 +88,9 @@ def plan_step(step: int, settings: PretrainSettings, indices: Sequence[int], tem
     ]
 
 
-def prepare_images(dataset, samples: list[PlannedSample], resolution: int, preprocess=None) -> list:
-    images = []
-    for sample in samples:
-        image = dataset[sample.index]
-        image = square_resize(preprocess(image) if preprocess else image, resolution)
-        images.append(image.transpose(0) if sample.flip else image)
-    return images
-
-
-def make_batch(model: E4TModel, backbone: Backbone, images: list, samples: list[PlannedSample], noise_scheduler) -> Batch:
+def make_batch(model: E4TModel, mean, std, features, samples: list[PlannedSample], noise_scheduler) -> Batch:
+    """A training batch from posterior statistics and backbone features, with each sample's own noise."""
     device = model.placement.device
-    mean, std = latent_distribution(model.vae, to_pixels(images))
     latents, noise, timesteps = [], [], []
     for i, sample in enumerate(samples):
         generator = torch.Generator(device=device).manual_seed(sample.seed)
@@ -103,7 +102,7 @@ def make_batch(model: E4TModel, backbone: Backbone, images: list, samples: list[
     prompts = [sample.template for sample in samples]
     return Batch(
         latents=torch.stack(latents),
-        image_features=backbone_features(backbone, images, model.encoder_config.backbone_layers),
+        image_features=features,
         prompt_ids=model.tokenize(prompts),
         class_prompt_ids=model.tokenize([p.replace(PLACEHOLDER, model.class_word) for p in prompts]),
         noise=torch.stack(noise),
@@ -243,9 +242,14 @@ def pretrain_domain(
     parts = TrainableParts(model)
     optimizer = make_optimizer(parts.parameters(), settings)
     parts, optimizer = accelerator.prepare(parts, optimizer)
-    start = 0
+    start, ema = 0, None
     if resume is not None:
-        start = load_training_state(resume, model, optimizer, checkpoint_config)
+        start, ema = load_training_state(resume, model, optimizer, checkpoint_config)
+    parameters = model.named_trainable_parameters()
+    if settings.ema_decay and ema is None:
+        ema = {name: p.detach().float().clone() for name, p in parameters.items()}
+    if ema is not None:
+        ema = {name: value.to(accelerator.device) for name, value in ema.items()}
     main = accelerator.is_main_process
     log = TrainingLog(run_dir, start, enabled=main)
     history, last_checkpoint = [], resume
@@ -255,22 +259,43 @@ def pretrain_domain(
         folder = run_dir / f"checkpoint-{step:07d}"
         if main:
             config = {**checkpoint_config, "step": step}
-            save_training_checkpoint(folder, config, model.trainable_state_dict(), optimizer.state_dict())
+            save_training_checkpoint(folder, config, model.trainable_state_dict(), optimizer.state_dict(), ema)
             prune_checkpoints(run_dir, settings.keep_last)
         accelerator.wait_for_everyone()
         return folder
+
+    plan = functools.partial(plan_step, settings=settings, indices=train_indices, templates=prompt_templates)
+    cache = None
+    if settings.cache_features:
+        cache = FeatureCache(run_dir / "cache")
+        key = {"base": checkpoint_config["base_model"]["fingerprint"], "backbone": checkpoint_config["backbone"]["fingerprint"],
+               "resolution": settings.resolution, "images": len(dataset), "data": str(getattr(dataset, "root", ""))}
+        if main and not cache.matches(key):
+            cache.build(key, dataset, len(dataset), lambda arrays: encode_arrays(model, backbone, arrays),
+                        settings.resolution, preprocess, settings.workers)
+        accelerator.wait_for_everyone()
+        micro_batches = None
+    else:
+        source = MicroBatches(dataset, plan, start + 1, settings.steps, settings.gradient_accumulation, world, rank,
+                              per_device, settings.resolution, preprocess)
+        micro_batches = iter(loader(source, settings.workers, pin_memory=accelerator.device.type == "cuda"))
 
     try:
         with StopRequest() as stop:
             for step in range(start + 1, settings.steps + 1):
                 began = time.perf_counter()
-                plan = plan_step(step, settings, train_indices, prompt_templates)
+                step_plan = plan(step)
                 step_losses = []
                 for micro in range(settings.gradient_accumulation):
                     first = (micro * world + rank) * per_device
-                    mine = plan[first : first + per_device]
-                    images = prepare_images(dataset, mine, settings.resolution, preprocess)
-                    batch = make_batch(model, backbone, images, mine, noise_scheduler)
+                    mine = step_plan[first : first + per_device]
+                    if cache is not None:
+                        rows = [cache.lookup(sample.index, sample.flip) for sample in mine]
+                        mean, std, features = (torch.stack(column).to(accelerator.device) for column in zip(*rows))
+                    else:
+                        arrays = next(micro_batches)
+                        mean, std, features = encode_arrays(model, backbone, list(arrays.numpy()))
+                    batch = make_batch(model, mean, std, features, mine, noise_scheduler)
                     with accelerator.accumulate(parts):
                         total, parts_losses = parts(batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights)
                         if not math.isfinite(float(accelerator.reduce(parts_losses[0], "sum"))):
@@ -283,6 +308,10 @@ def pretrain_domain(
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     step_losses.append(parts_losses)
+                if ema is not None:
+                    with torch.no_grad():
+                        for name, parameter in parameters.items():
+                            ema[name].lerp_(parameter.detach().float(), 1.0 - settings.ema_decay)
                 mean = accelerator.reduce(torch.stack(step_losses).mean(0), "mean").tolist()
                 seconds = time.perf_counter() - began
                 record = {

@@ -1,0 +1,128 @@
+"""Feeding pre-training: decoding in worker processes, and an optional feature cache.
+
+``MicroBatches`` turns the deterministic plan of each step into decoded
+images in DataLoader workers (pinned memory on CUDA), so the GPU does not
+wait on JPEG/PNG decoding. ``FeatureCache`` pre-computes each image's VAE
+posterior and backbone features once (both orientations) into safetensors
+chunks in the run folder; training then never decodes an image again.
+"""
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from e4tcli.training.images import latent_distribution, square_resize
+
+CHUNK = 256
+
+
+def decode(dataset, index: int, resolution: int, preprocess: Optional[Callable] = None) -> np.ndarray:
+    """One dataset image as an (H, W, 3) uint8 array at ``resolution``."""
+    image = dataset[index]
+    image = square_resize(preprocess(image) if preprocess else image, resolution)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item k is this process's k-th micro-batch from ``first_step`` on: (H, W, 3) uint8 images, flipped as planned."""
+
+    def __init__(self, dataset, plan: Callable[[int], list], first_step: int, last_step: int, accumulation: int,
+                 world: int, rank: int, per_device: int, resolution: int, preprocess: Optional[Callable] = None):
+        self.dataset, self.plan, self.first_step = dataset, plan, first_step
+        self.count = max(0, last_step - first_step + 1) * accumulation
+        self.accumulation, self.world, self.rank, self.per_device = accumulation, world, rank, per_device
+        self.resolution, self.preprocess = resolution, preprocess
+
+    def __len__(self) -> int:
+        return self.count
+
+    def samples(self, item: int) -> list:
+        step, micro = self.first_step + item // self.accumulation, item % self.accumulation
+        first = (micro * self.world + self.rank) * self.per_device
+        return self.plan(step)[first : first + self.per_device]
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        arrays = []
+        for sample in self.samples(item):
+            array = decode(self.dataset, sample.index, self.resolution, self.preprocess)
+            arrays.append(array[:, ::-1] if sample.flip else array)
+        return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+
+
+def loader(micro_batches: MicroBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        micro_batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None, persistent_workers=False,
+    )
+
+
+def uint8_to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class FeatureCache:
+    """VAE posterior (mean, std) and backbone [CLS] features of every image, both orientations."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._chunk_index: Optional[int] = None
+        self._chunk: dict = {}
+
+    def matches(self, key: dict) -> bool:
+        info = self.folder / "cache.json"
+        return info.is_file() and json.loads(info.read_text()) == key
+
+    def build(self, key: dict, dataset, count: int, encode: Callable[[list], tuple], resolution: int,
+              preprocess: Optional[Callable] = None, workers: int = 0) -> None:
+        """``encode(list of uint8 arrays) -> (mean, std, features)``; written chunk by chunk, atomically."""
+        from safetensors.torch import save_file
+
+        from e4tcli.io.atomic import atomic_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "cache.json").unlink(missing_ok=True)
+        indices = _Indices(dataset, count, resolution, preprocess)
+        batches = torch.utils.data.DataLoader(indices, batch_size=CHUNK, num_workers=workers, collate_fn=list)
+        for number, arrays in enumerate(batches):
+            both = [a for array in arrays for a in (array, np.ascontiguousarray(array[:, ::-1]))]
+            mean, std, features = encode(both)
+            tensors = {"mean": mean, "std": std, "features": features}
+            with atomic_file(self.folder / f"chunk-{number:05d}.safetensors") as tmp:
+                save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        with atomic_file(self.folder / "cache.json") as tmp:
+            tmp.write_text(json.dumps(key))
+
+    def lookup(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        number, offset = divmod(index, CHUNK)
+        if number != self._chunk_index:
+            self._chunk = load_file(str(self.folder / f"chunk-{number:05d}.safetensors"))
+            self._chunk_index = number
+        row = 2 * offset + int(flip)
+        return self._chunk["mean"][row], self._chunk["std"][row], self._chunk["features"][row]
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, dataset: Sequence, count: int, resolution: int, preprocess):
+        self.dataset, self.count, self.resolution, self.preprocess = dataset, count, resolution, preprocess
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return decode(self.dataset, index, self.resolution, self.preprocess)
+
+
+def encode_arrays(model, backbone, arrays: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VAE posterior and backbone features of uint8 images, in fp32."""
+    from e4tcli.models.loading import backbone_features
+
+    pixels = uint8_to_pixels(torch.from_numpy(np.stack(arrays)))
+    mean, std = latent_distribution(model.vae, pixels)
+    features = backbone_features(backbone, list(arrays), model.encoder_config.backbone_layers)
+    return mean, std, features
