@@ -22,8 +22,9 @@ only the factors (``factors()``), never a d x d matrix.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,9 +82,20 @@ class FixedOffset(nn.Module):
         super().__init__()
         self.register_buffer("column", column)
         self.register_buffer("row", row)
+        self._merged: dict = {}
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.column, self.row
+
+    def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``W * (1 + dW)`` in ``dtype``, formed once: the factors never change during generation."""
+        key = (dtype, weight.device, weight.data_ptr())
+        if key not in self._merged:
+            self._merged.clear()
+            with torch.no_grad():
+                full = weight.to(self.column.dtype)
+                self._merged[key] = (full + full * (self.column @ self.row.T)).to(dtype)
+        return self._merged[key]
 
 
 def make_offset(config: OffsetConfig, out_features: int, in_features: int) -> nn.Module:
@@ -99,14 +111,18 @@ class OffsetLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.offset = offset
+        self.shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.shared if self.shared is not None else self.offset.factors()
 
     def delta(self) -> torch.Tensor:
-        column, row = self.offset.factors()
+        column, row = self.factors()
         return column @ row.T
 
     def squared_norm(self) -> torch.Tensor:
         """``||dW||_F^2`` computed from the factors, without forming dW."""
-        column, row = self.offset.factors()
+        column, row = self.factors()
         return ((column.T @ column) * (row.T @ row)).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,10 +131,13 @@ class OffsetLinear(nn.Module):
         In fp16/bf16 an offset smaller than the format's resolution rounds away,
         exactly as the base weights' own rounding does; training keeps dW in fp32.
         """
+        bias = self.base_layer.bias
+        if isinstance(self.offset, FixedOffset) and self.shared is None:
+            modulated = self.offset.merged_weight(self.base_layer.weight, x.dtype)
+            return F.linear(x, modulated, None if bias is None else bias.to(x.dtype))
         delta = self.delta()
         weight = self.base_layer.weight.to(delta.dtype)
         modulated = (weight + weight * delta).to(x.dtype)
-        bias = self.base_layer.bias
         return F.linear(x, modulated, None if bias is None else bias.to(x.dtype))
 
 
@@ -153,6 +172,23 @@ def add_weight_offsets(
     if not wrapped:
         raise ValueError("the UNet has no attention layers to put weight offsets on")
     return wrapped
+
+
+@contextmanager
+def shared_factors(layers: dict[str, OffsetLinear]) -> Iterator[None]:
+    """Compute every layer's factors once and reuse them inside the block.
+
+    A training step runs the UNet twice (the encoder's feature pass and the
+    denoising pass) and the regulariser once; without sharing, each would
+    recompute the paper offsets' d x d maps.
+    """
+    for layer in layers.values():
+        layer.shared = layer.offset.factors()
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.shared = None
 
 
 def offset_parameters(layers: dict[str, OffsetLinear]) -> Iterator[nn.Parameter]:
