@@ -74,9 +74,10 @@ def test_generate_writes_pngs_with_parameters_and_a_grid(world):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     other = runner.invoke(app, ["generate", str(world["concept"]), "S* as an astronaut", "--steps", "2",
                                 "--seed", "8", "--out", str(world["root"] / "other"), "--json"])
-    single = json.loads(other.stdout)["images"][0]
-    assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(data["images"][1])))
-    assert not np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(data["images"][0])))
+    single = np.asarray(Image.open(json.loads(other.stdout)["images"][0])).astype(int)
+    # image i of a batch is seed+i on its own; CPU kernels may round a batch of 2 differently from 1
+    assert np.abs(single - np.asarray(Image.open(data["images"][1])).astype(int)).max() <= 2
+    assert np.abs(single - np.asarray(Image.open(data["images"][0])).astype(int)).mean() > 5
 
 
 def test_prompt_without_placeholder_warns_and_proceeds(world):

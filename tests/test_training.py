@@ -142,3 +142,17 @@ def test_sd2_shape_with_v_prediction_tunes_and_generates(tmp_path, tiny_backbone
     assert loaded.tensors["encoder.head.2.weight"].shape == (1024, 32)
     result = api.generate(api.GenerateOptions(concept=str(concept), prompt="S* on a beach", steps=2, out=str(tmp_path / "o")))
     assert Image.open(result.images[0]).size == (64, 64)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny_checkpoint, photo_folder, cats_domain, tmp_path):
+    concepts = []
+    for flag in (False, True):
+        out = tmp_path / f"c{int(flag)}.safetensors"
+        api.tune(
+            api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(tiny_checkpoint), out=str(out),
+                            steps=2, batch_size=2, gradient_checkpointing=flag),
+            cats_domain,
+        )
+        concepts.append(load_concept(out).tensors)
+    plain, checkpointed = concepts
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)

@@ -180,7 +180,9 @@ def shared_factors(layers: dict[str, OffsetLinear]) -> Iterator[None]:
 
     A training step runs the UNet twice (the encoder's feature pass and the
     denoising pass) and the regulariser once; without sharing, each would
-    recompute the paper offsets' d x d maps.
+    recompute the paper offsets' d x d maps. The block must also cover the
+    backward pass: gradient checkpointing re-runs the forward there and must
+    see the same operations.
     """
     for layer in layers.values():
         layer.shared = layer.offset.factors()

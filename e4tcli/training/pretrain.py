@@ -31,6 +31,7 @@ from e4tcli.errors import E4TError, RuntimeFailure, UsageError
 from e4tcli.io.training_state import load_training_state, prune_checkpoints, save_training_checkpoint
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import Backbone, backbone_features
+from e4tcli.models.weight_offsets import shared_factors
 from e4tcli.training.data import FeatureCache, MicroBatches, encode_arrays, loader
 from e4tcli.training.images import square_resize
 from e4tcli.training.step import Batch, StepLosses, training_step
@@ -296,7 +297,7 @@ def pretrain_domain(
                         arrays = next(micro_batches)
                         mean, std, features = encode_arrays(model, backbone, list(arrays.numpy()))
                     batch = make_batch(model, mean, std, features, mine, noise_scheduler)
-                    with accelerator.accumulate(parts):
+                    with accelerator.accumulate(parts), shared_factors(model.offsets):
                         total, parts_losses = parts(batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights)
                         if not math.isfinite(float(accelerator.reduce(parts_losses[0], "sum"))):
                             raise RuntimeFailure(

@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 
 from e4tcli.models.e4t import E4TModel
-from e4tcli.models.weight_offsets import shared_factors
 
 
 @dataclass
@@ -73,16 +72,13 @@ def training_step(
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     unet_dtype = model.unet.dtype
 
-    with shared_factors(model.offsets):  # outside autocast: the factors stay fp32
-        with model.placement.autocast:
-            with torch.no_grad():
-                class_states = model.encode_text(batch.class_prompt_ids)
-            concept, offset = model.concept_embedding(
-                batch.image_features, noisy.to(unet_dtype), timesteps, class_states
-            )
-            text_states = model.encode_text(batch.prompt_ids, concept=concept)
-            prediction = model.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=text_states).sample
-        weights = model.offsets_squared_norm()
+    with model.placement.autocast:
+        with torch.no_grad():
+            class_states = model.encode_text(batch.class_prompt_ids)
+        concept, offset = model.concept_embedding(batch.image_features, noisy.to(unet_dtype), timesteps, class_states)
+        text_states = model.encode_text(batch.prompt_ids, concept=concept)
+        prediction = model.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=text_states).sample
+    weights = model.offsets_squared_norm()
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     squared_error = (prediction.float() - target.float()) ** 2
     if batch.loss_mask is not None:

@@ -9,6 +9,7 @@ import torch
 from e4tcli.domain import PLACEHOLDER
 from e4tcli.errors import RuntimeFailure
 from e4tcli.models.e4t import E4TModel
+from e4tcli.models.weight_offsets import shared_factors
 from e4tcli.training.images import latent_distribution, mask_to_latent, square_resize, to_pixels
 from e4tcli.training.step import Batch, StepLosses, training_step
 
@@ -86,10 +87,11 @@ def tune_concept(
             class_prompt_ids=model.tokenize([p.replace(PLACEHOLDER, model.class_word) for p in prompts]),
             loss_mask=None if masks is None else masks[choice],
         )
-        losses = training_step(model, batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights, generator)
-        check_finite(losses, step)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses.total).backward()
+        with shared_factors(model.offsets):
+            losses = training_step(model, batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights, generator)
+            check_finite(losses, step)
+            scaler.scale(losses.total).backward()
         scaler.step(optimizer)
         scaler.update()
         history.append(losses.as_floats())
