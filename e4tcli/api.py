@@ -59,23 +59,33 @@ class PretrainResult:
 
 
 def make_accelerator(device: Optional[str], precision: str, gradient_accumulation: int):
-    """An accelerate Accelerator and the matching Placement (frozen-weight dtype)."""
+    """An accelerate Accelerator and the Placement (device, frozen-weight dtype) that matches it.
+
+    Device and precision are chosen exactly as for tune and generate. Under
+    ``accelerate launch`` each process gets its own GPU from accelerate.
+    """
+    import os
+    from datetime import timedelta
+
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
-    from e4tcli.device import PRECISIONS, Placement
+    from e4tcli.device import Placement, choose_placement
 
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
-    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    if precision == "auto":
-        precision = "fp32" if on_cpu else "fp16"
-    if on_cpu and precision != "fp32":
-        raise UsageError(f"{precision} is not supported on the CPU", hint="use --precision fp32 on the CPU")
-    mixed = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision]
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=gradient_accumulation, cpu=on_cpu)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return accelerator, Placement(accelerator.device, dtype)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    chosen = choose_placement(None if distributed and device != "cpu" else device, precision)
+    if chosen.device.type == "cuda" and chosen.device.index is not None and not distributed:
+        torch.cuda.set_device(chosen.device)
+    mixed = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[chosen.dtype]
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=gradient_accumulation,
+        cpu=chosen.device.type == "cpu",
+        # rank 0 alone writes checkpoints, validation grids and the feature cache: give it time
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+    )
+    device_used = chosen.device if chosen.device.type == "cuda" and not distributed else accelerator.device
+    return accelerator, Placement(device_used, chosen.dtype)
 
 
 def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -> PretrainResult:
@@ -374,31 +384,32 @@ def generate(options: GenerateOptions) -> GenerateResult:
 
     out = Path(options.out)
     stem = Path(options.concept).name.removesuffix(".safetensors").removesuffix(".e4t")
-    metadata = png_metadata(settings, concept, model.base.source)
     paths = []
     for i, image in enumerate(images):
         path = out / f"{stem}-{settings.seed + i}.png"
+        metadata = png_metadata(settings, concept, model.base.source, seed=settings.seed + i)
         with atomic_file(path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=png_info(metadata | {"seed": str(settings.seed + i)}))
+            image.save(tmp, format="PNG", pnginfo=png_info(metadata))
         paths.append(path)
     grid = None
     if len(images) > 1:
         grid = out / f"{stem}-{settings.seed}-grid.png"
         with atomic_file(grid) as tmp:
-            image_grid(images).save(tmp, format="PNG", pnginfo=png_info(metadata))
+            grid_metadata = png_metadata(settings, concept, model.base.source, seed=settings.seed)
+            image_grid(images).save(tmp, format="PNG", pnginfo=png_info(grid_metadata))
     return GenerateResult(paths, grid, time.perf_counter() - start, settings.seed)
 
 
-def png_metadata(settings, concept, base_source: str) -> dict[str, str]:
+def png_metadata(settings, concept, base_source: str, seed: int) -> dict[str, str]:
     parameters = (
         f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\n"
-        f"Steps: {settings.steps}, CFG scale: {settings.guidance:g}, Seed: {settings.seed}, "
+        f"Steps: {settings.steps}, CFG scale: {settings.guidance:g}, Seed: {seed}, "
         f"Size: {settings.width}x{settings.height}, Model: {base_source}, e4t concept: {concept.path.name}"
     )
     return {
         "prompt": settings.prompt,
         "negative_prompt": settings.negative_prompt,
-        "seed": str(settings.seed),
+        "seed": str(seed),
         "steps": str(settings.steps),
         "guidance": f"{settings.guidance:g}",
         "size": f"{settings.width}x{settings.height}",

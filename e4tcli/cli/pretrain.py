@@ -15,8 +15,6 @@ from e4tcli.errors import UsageError
 
 def _launch_processes(count: int) -> None:
     """Hand off to `accelerate launch` with the same arguments, minus --num-processes."""
-    import subprocess
-
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -30,7 +28,9 @@ def _launch_processes(count: int) -> None:
         args.append(arg)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "e4tcli", *args]
-    raise typer.Exit(subprocess.call(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)  # the launcher takes this process's place: signals and exit code pass through
 
 
 @reports_errors

@@ -44,12 +44,16 @@ def optimizer_from_safetensors(tensors: dict, metadata: dict) -> dict:
     return {"state": state, "param_groups": metadata["param_groups"]}
 
 
+
 def save_training_checkpoint(
-    folder: Path, config: dict, model_tensors: dict, optimizer_state: dict, ema: Optional[dict] = None
+    folder: Path, config: dict, model_tensors: dict, optimizer_state: dict, ema: Optional[dict] = None,
+    scaler_state: Optional[dict] = None,
 ) -> None:
+    """``scaler_state``: the fp16 loss scaler's state (plain numbers), so a resumed fp16 run scales alike."""
     from safetensors.torch import save_file
 
     tensors, metadata = optimizer_to_safetensors(optimizer_state)
+    metadata["scaler"] = scaler_state
 
     def write_optimizer(tmp: Path) -> None:
         save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"e4t": json.dumps(metadata)})
@@ -62,8 +66,10 @@ def save_training_checkpoint(
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Keep the ``keep_last`` most recently written checkpoints (by write time, not step:
+    after resuming from an older checkpoint, the new ones must survive)."""
     found = sorted(
-        (int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+        (p.stat().st_mtime_ns, p) for p in run_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()
     )
     for _, path in found[: max(0, len(found) - max(keep_last, 1))]:
         shutil.rmtree(path, ignore_errors=True)
@@ -79,8 +85,8 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
     return run_dir / pointer.read_text().strip()
 
 
-def load_training_state(folder: Path, model, optimizer, expected: dict) -> tuple[int, Optional[dict]]:
-    """Restore model and optimizer from ``folder``; return its step and its EMA weights (if any)."""
+def load_training_state(folder: Path, model, optimizer, expected: dict, scaler=None) -> tuple[int, Optional[dict]]:
+    """Restore model, optimizer (and fp16 loss scaler) from ``folder``; return its step and EMA weights (if any)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -98,6 +104,8 @@ def load_training_state(folder: Path, model, optimizer, expected: dict) -> tuple
     with safe_open(str(optimizer_path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["e4t"])
     optimizer.load_state_dict(optimizer_from_safetensors(load_file(str(optimizer_path)), metadata))
+    if scaler is not None and metadata.get("scaler"):
+        scaler.load_state_dict(metadata["scaler"])
     ema_path = checkpoint.folder / EMA_NAME
     ema = load_file(str(ema_path)) if ema_path.is_file() else None
     return int(checkpoint.config["step"]), ema

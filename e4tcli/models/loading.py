@@ -63,20 +63,20 @@ def load_base_model(source: str, device=None, dtype=None) -> BaseModel:
     _quiet_progress_bars()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError) as error:
         raise _not_found("base model", source, error, "--base-model") from None
     if tokenizer.model_max_length > 1000:
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    # fingerprinted as loaded, before the cast, so every --precision sees the same model
     fingerprint = fingerprint_modules(unet=unet, text_encoder=text_encoder)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.eval()
-        if device is not None:
-            module.to(device)
+        module.to(device=device, dtype=dtype)
     return BaseModel(str(source), tokenizer, text_encoder, vae, unet, scheduler_config, fingerprint)
 
 
@@ -88,13 +88,12 @@ def load_backbone(source: str, device=None, dtype=None) -> Backbone:
     _quiet_progress_bars()
     try:
         processor = CLIPImageProcessor.from_pretrained(source)
-        model = CLIPVisionModel.from_pretrained(source, torch_dtype=dtype or torch.float32, use_safetensors=True)
+        model = CLIPVisionModel.from_pretrained(source, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise _not_found("image backbone", source, error, "--backbone") from None
     fingerprint = fingerprint_modules(backbone=model)
     model.requires_grad_(False).eval()
-    if device is not None:
-        model.to(device)
+    model.to(device=device, dtype=dtype or torch.float32)
     return Backbone(str(source), model, processor, fingerprint)
 
 

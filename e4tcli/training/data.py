@@ -8,8 +8,9 @@ chunks in the run folder; training then never decodes an image again.
 """
 
 import json
+import math
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -52,10 +53,19 @@ class MicroBatches(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers share the terminal's process group: Ctrl-C must stop the trainer (which saves), not them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def loader(micro_batches: MicroBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         micro_batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=2 if workers else None, persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals if workers else None,
     )
 
 
@@ -69,53 +79,53 @@ class FeatureCache:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._chunk_index: Optional[int] = None
-        self._chunk: dict = {}
 
     def matches(self, key: dict) -> bool:
         info = self.folder / "cache.json"
         return info.is_file() and json.loads(info.read_text()) == key
 
     def build(self, key: dict, dataset, count: int, encode: Callable[[list], tuple], resolution: int,
-              preprocess: Optional[Callable] = None, workers: int = 0) -> None:
-        """``encode(list of uint8 arrays) -> (mean, std, features)``; written chunk by chunk, atomically."""
+              preprocess: Optional[Callable] = None, rank: int = 0, world: int = 1) -> None:
+        """``encode(list of uint8 arrays) -> (mean, std, features)``; chunk k is written by rank k % world.
+
+        Chunks are written atomically and tagged with ``key``, so an interrupted
+        build resumes where it stopped; ``finish`` (rank 0) marks the cache complete.
+        """
+        from safetensors import safe_open
         from safetensors.torch import save_file
 
         from e4tcli.io.atomic import atomic_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "cache.json").unlink(missing_ok=True)
-        indices = _Indices(dataset, count, resolution, preprocess)
-        batches = torch.utils.data.DataLoader(indices, batch_size=CHUNK, num_workers=workers, collate_fn=list)
-        for number, arrays in enumerate(batches):
+        tag = json.dumps(key, sort_keys=True)
+        for number in range(rank, math.ceil(count / CHUNK), world):
+            path = self.folder / f"chunk-{number:05d}.safetensors"
+            if path.is_file():
+                with safe_open(str(path), framework="pt") as handle:
+                    if (handle.metadata() or {}).get("key") == tag:
+                        continue
+            first = number * CHUNK
+            arrays = [decode(dataset, i, resolution, preprocess) for i in range(first, min(first + CHUNK, count))]
             both = [a for array in arrays for a in (array, np.ascontiguousarray(array[:, ::-1]))]
             mean, std, features = encode(both)
             tensors = {"mean": mean, "std": std, "features": features}
-            with atomic_file(self.folder / f"chunk-{number:05d}.safetensors") as tmp:
-                save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            with atomic_file(path) as tmp:
+                save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": tag})
+
+    def finish(self, key: dict) -> None:
+        from e4tcli.io.atomic import atomic_file
+
         with atomic_file(self.folder / "cache.json") as tmp:
             tmp.write_text(json.dumps(key))
 
     def lookup(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from safetensors.torch import load_file
+        """One image's row, read alone (the chunk files are memory-mapped, not loaded whole)."""
+        from safetensors import safe_open
 
         number, offset = divmod(index, CHUNK)
-        if number != self._chunk_index:
-            self._chunk = load_file(str(self.folder / f"chunk-{number:05d}.safetensors"))
-            self._chunk_index = number
         row = 2 * offset + int(flip)
-        return self._chunk["mean"][row], self._chunk["std"][row], self._chunk["features"][row]
-
-
-class _Indices(torch.utils.data.Dataset):
-    def __init__(self, dataset: Sequence, count: int, resolution: int, preprocess):
-        self.dataset, self.count, self.resolution, self.preprocess = dataset, count, resolution, preprocess
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return decode(self.dataset, index, self.resolution, self.preprocess)
+        with safe_open(str(self.folder / f"chunk-{number:05d}.safetensors"), framework="pt") as handle:
+            return tuple(handle.get_slice(name)[row : row + 1][0] for name in ("mean", "std", "features"))
 
 
 def encode_arrays(model, backbone, arrays: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

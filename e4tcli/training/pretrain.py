@@ -142,6 +142,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: Optional[str] = None
+        self._first = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -153,9 +154,12 @@ class StopRequest:
         return self
 
     def _handle(self, number, _frame):
-        if self.signal_name is not None:
+        """A second Ctrl-C aborts at once; repeated SIGTERMs (schedulers often send several) do not."""
+        if self.signal_name is not None and number == signal.SIGINT and time.monotonic() - self._first > 2.0:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(number).name
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(number).name
+            self._first = time.monotonic()
 
     def __exit__(self, *_):
         for sig, handler in self._previous.items():
@@ -236,8 +240,9 @@ def pretrain_domain(
             f"{settings.gradient_accumulation} accumulation steps",
             hint="make --batch-size a multiple of processes x --gradient-accumulation",
         )
-    held_out = list(range(len(dataset)))[-settings.validation_images:] if settings.validate_every else []
-    train_indices = [i for i in range(len(dataset)) if i not in set(held_out)] or list(range(len(dataset)))
+    held = settings.validation_images if settings.validate_every and settings.validation_images > 0 else 0
+    held_out = list(range(max(0, len(dataset) - held), len(dataset)))
+    train_indices = list(range(len(dataset) - len(held_out))) or list(range(len(dataset)))
 
     torch.manual_seed(settings.seed)
     parts = TrainableParts(model)
@@ -245,7 +250,7 @@ def pretrain_domain(
     parts, optimizer = accelerator.prepare(parts, optimizer)
     start, ema = 0, None
     if resume is not None:
-        start, ema = load_training_state(resume, model, optimizer, checkpoint_config)
+        start, ema = load_training_state(resume, model, optimizer, checkpoint_config, accelerator.scaler)
     parameters = model.named_trainable_parameters()
     if settings.ema_decay and ema is None:
         ema = {name: p.detach().float().clone() for name, p in parameters.items()}
@@ -260,7 +265,8 @@ def pretrain_domain(
         folder = run_dir / f"checkpoint-{step:07d}"
         if main:
             config = {**checkpoint_config, "step": step}
-            save_training_checkpoint(folder, config, model.trainable_state_dict(), optimizer.state_dict(), ema)
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            save_training_checkpoint(folder, config, model.trainable_state_dict(), optimizer.state_dict(), ema, scaler)
             prune_checkpoints(run_dir, settings.keep_last)
         accelerator.wait_for_everyone()
         return folder
@@ -271,9 +277,12 @@ def pretrain_domain(
         cache = FeatureCache(run_dir / "cache")
         key = {"base": checkpoint_config["base_model"]["fingerprint"], "backbone": checkpoint_config["backbone"]["fingerprint"],
                "resolution": settings.resolution, "images": len(dataset), "data": str(getattr(dataset, "root", ""))}
-        if main and not cache.matches(key):
+        if not cache.matches(key):
             cache.build(key, dataset, len(dataset), lambda arrays: encode_arrays(model, backbone, arrays),
-                        settings.resolution, preprocess, settings.workers)
+                        settings.resolution, preprocess, rank, world)
+            accelerator.wait_for_everyone()
+            if main:
+                cache.finish(key)
         accelerator.wait_for_everyone()
         micro_batches = None
     else:
