@@ -47,6 +47,8 @@ class PretrainOptions:
     workers: int = 0
     cache_features: bool = False
     ema_decay: float = 0.0
+    lambda_emb: Optional[float] = None
+    lambda_weights: Optional[float] = None
 
 
 @dataclass
@@ -124,8 +126,8 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         learning_rate=options.learning_rate or defaults.learning_rate,
         batch_size=options.batch_size or defaults.batch_size,
         resolution=options.resolution or defaults.resolution,
-        lambda_emb=defaults.lambda_emb,
-        lambda_weights=domain.lambda_weights,
+        lambda_emb=defaults.lambda_emb if options.lambda_emb is None else options.lambda_emb,
+        lambda_weights=domain.lambda_weights if options.lambda_weights is None else options.lambda_weights,
         seed=options.seed,
         gradient_accumulation=options.gradient_accumulation,
         checkpoint_every=options.checkpoint_every,
@@ -182,6 +184,8 @@ class TuneOptions:
     device: Optional[str] = None
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    lambda_emb: Optional[float] = None
+    lambda_weights: Optional[float] = None
 
 
 @dataclass
@@ -286,8 +290,8 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
         learning_rate=options.learning_rate or defaults.learning_rate,
         batch_size=options.batch_size or defaults.batch_size,
         resolution=resolution,
-        lambda_emb=defaults.lambda_emb,
-        lambda_weights=domain.lambda_weights,
+        lambda_emb=defaults.lambda_emb if options.lambda_emb is None else options.lambda_emb,
+        lambda_weights=domain.lambda_weights if options.lambda_weights is None else options.lambda_weights,
         seed=options.seed,
     )
     mask = domain.loss_mask(image) if domain.loss_mask is not None else None

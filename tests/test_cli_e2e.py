@@ -66,6 +66,8 @@ def test_generate_writes_pngs_with_parameters_and_a_grid(world):
     assert first.text["prompt"] == "S* as an astronaut" and first.text["seed"] == "7"
     assert first.text["steps"] == "2" and first.text["guidance"] == "7.5"
     assert first.text["concept"] == "chelsea.safetensors" and first.text["base_model"]
+    assert "Seed: 7," in first.text["parameters"] and "Steps: 2," in first.text["parameters"]
+    assert "Seed: 8," in Image.open(data["images"][1]).text["parameters"]
     assert Image.open(data["grid"]).size == (128, 64)
 
     again = runner.invoke(app, args[:-3] + ["--out", str(world["root"] / "again"), "--json"])
@@ -173,3 +175,54 @@ def test_faces_domain_aligns_a_face_and_refuses_a_photo_without_one(tiny_sd, tin
     line = one_line_error(runner.invoke(app, ["tune", str(photo_folder / "coffee.png"), "--domain", "faces",
                                               "--checkpoint", str(checkpoint), "--steps", "1"]), 2)
     assert "coffee.png" in line and "no face found" in line
+
+
+def test_encoder_runs_at_every_denoising_step_on_the_current_latent(world, monkeypatch):
+    import torch
+
+    from e4tcli import api
+    from e4tcli.device import choose_placement
+    from e4tcli.models.e4t import E4TModel
+    from e4tcli.pipeline import SamplingSettings, generate_images
+
+    model, concept = api.load_concept_model(str(world["concept"]), None, choose_placement("cpu"))
+    calls = []
+    original = E4TModel.concept_embedding
+
+    def spy(self, image_features, noisy, timesteps, class_states):
+        result = original(self, image_features, noisy, timesteps, class_states)
+        calls.append((int(timesteps[0]), noisy.clone(), result[0].clone()))
+        return result
+
+    monkeypatch.setattr(E4TModel, "concept_embedding", spy)
+    generate_images(model, concept.image_features, SamplingSettings(prompt="S* in a box", steps=4, height=64, width=64))
+    from e4tcli.pipeline import build_pipeline
+
+    scheduler = build_pipeline(model).scheduler
+    scheduler.set_timesteps(4)
+    assert [t for t, _, _ in calls] == scheduler.timesteps.tolist()
+    assert not torch.equal(calls[0][1], calls[-1][1]), "each call sees the current latent"
+    assert not torch.equal(calls[0][2], calls[-1][2]), "so S* changes from step to step"
+
+
+def test_lowrank_offsets_end_to_end(tiny_sd, tiny_backbone, photo_folder, tmp_path):
+    checkpoint = tmp_path / "lowrank"
+    result = runner.invoke(app, [
+        "pretrain", "--domain", "cats", "--data", str(photo_folder), "--out", str(checkpoint), "--offsets", "lowrank",
+        "--offset-rank", "2", "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "1",
+        "--batch-size", "2", "--resolution", "64", "--encoder-hidden-dim", "32", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    concept = tmp_path / "c.safetensors"
+    tuned = runner.invoke(app, ["tune", str(photo_folder / "chelsea.png"), "--domain", "cats", "--checkpoint",
+                                str(checkpoint), "--steps", "1", "--batch-size", "2", "--out", str(concept),
+                                "--lambda-emb", "0.5", "--json"])
+    assert tuned.exit_code == 0, tuned.output
+    from e4tcli.io.concept import load_concept
+
+    loaded = load_concept(concept)
+    assert loaded.info["offsets"]["kind"] == "lowrank" and loaded.info["tuning"]["lambda_emb"] == 0.5
+    column = next(v for k, v in loaded.tensors.items() if k.endswith(".column"))
+    assert column.shape[1] == 2
+    generated = runner.invoke(app, ["generate", str(concept), "S*", "--steps", "2", "--out", str(tmp_path / "o")])
+    assert generated.exit_code == 0, generated.output

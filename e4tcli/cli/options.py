@@ -23,3 +23,9 @@ BaseModelOption = Annotated[
 CheckpointingFlag = Annotated[
     bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory while training.")
 ]
+LambdaEmbOption = Annotated[
+    Optional[float], typer.Option("--lambda-emb", min=0.0, help="Weight of ||offset||^2 (default: the domain's).")
+]
+LambdaWeightsOption = Annotated[
+    Optional[float], typer.Option("--lambda-weights", min=0.0, help="Weight of ||dW||^2 (default: the domain's).")
+]

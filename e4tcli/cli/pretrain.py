@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from e4tcli.cli.options import BaseModelOption, DeviceOption, JsonFlag
+from e4tcli.cli.options import BaseModelOption, DeviceOption, JsonFlag, LambdaEmbOption, LambdaWeightsOption
 from e4tcli.cli.completion import complete_domain
 from e4tcli.cli.output import print_json, registry, reports_errors, step_progress, stdout_console, warn
 from e4tcli.errors import UsageError
@@ -77,6 +77,11 @@ def pretrain(
     ema_decay: Annotated[
         Optional[float], typer.Option("--ema-decay", min=0.0, max=1.0, help="Keep an EMA of the trained weights (e.g. 0.999).")
     ] = None,
+    lambda_emb: LambdaEmbOption = None,
+    lambda_weights: LambdaWeightsOption = None,
+    validation_images: Annotated[
+        Optional[int], typer.Option("--validation-images", min=0, help="Held-out images in each validation grid.")
+    ] = None,
     device: DeviceOption = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="auto, fp32, fp16 or bf16.")] = None,
     gradient_checkpointing: Annotated[
@@ -100,7 +105,8 @@ def pretrain(
         gradient_accumulation=gradient_accumulation, checkpoint_every=checkpoint_every, keep_last=keep_last,
         resume=resume, validate_every=validate_every, optimizer=optimizer, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing, workers=workers, cache_features=cache_features,
-        ema_decay=ema_decay,
+        ema_decay=ema_decay, lambda_emb=lambda_emb, lambda_weights=lambda_weights,
+        validation_images=validation_images,
     )
     settings = merge_recipe(load_recipe(config) if config else {}, flags)
     for required, flag in (("domain", "--domain"), ("data", "--data"), ("out", "--out")):

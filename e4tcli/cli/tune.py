@@ -11,6 +11,8 @@ from e4tcli.cli.options import (
     DeviceOption,
     DomainOption,
     JsonFlag,
+    LambdaEmbOption,
+    LambdaWeightsOption,
     PrecisionOption,
     SeedOption,
 )
@@ -38,6 +40,8 @@ def tune(
     device: DeviceOption = None,
     precision: PrecisionOption = "auto",
     gradient_checkpointing: CheckpointingFlag = False,
+    lambda_emb: LambdaEmbOption = None,
+    lambda_weights: LambdaWeightsOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Personalize the domain's model to the concept in IMAGE; write ONE concept file."""
@@ -57,6 +61,8 @@ def tune(
         device=device,
         precision=precision,
         gradient_checkpointing=gradient_checkpointing,
+        lambda_emb=lambda_emb,
+        lambda_weights=lambda_weights,
     )
     total = steps if steps is not None else entry.domain.tune.steps
     with step_progress(total, "tuning", enabled=not json_output) as on_step:
