@@ -123,21 +123,30 @@ def run_cli(args, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_sigint_saves_a_resumable_checkpoint(base_args, tmp_path):
+@pytest.mark.parametrize("stop, extra, whole_group", [
+    (signal.SIGTERM, [], False),
+    # Ctrl-C in a terminal signals the whole process group, data-loader workers included
+    (signal.SIGINT, ["--workers", "2", "--gradient-accumulation", "2"], True),
+])
+def test_stop_signal_saves_a_resumable_checkpoint(base_args, tmp_path, stop, extra, whole_group):
     run = tmp_path / "interrupted"
-    process = run_cli(["pretrain", *base_args, "--out", str(run), "--steps", "500", "--json"])
+    process = run_cli(["pretrain", *base_args, "--out", str(run), "--steps", "500", *extra, "--json"],
+                      start_new_session=True)
     log = run / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    if whole_group:
+        os.killpg(process.pid, stop)
+    else:
+        process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "resumable checkpoint saved" in stderr and "--resume latest" in stderr
     step = int((run / "latest").read_text().strip().split("-")[1])
     assert 2 <= step < 500
     assert len(losses(run)) == step
-    result = pretrain([*base_args, "--out", str(run), "--steps", str(step + 1), "--resume", "latest"])
+    result = pretrain([*base_args, *extra, "--out", str(run), "--steps", str(step + 1), "--resume", "latest"])
     assert result.exit_code == 0, result.output
     assert len(losses(run)) == step + 1
 
