@@ -35,6 +35,7 @@ from e4tcli.models.weight_offsets import shared_factors
 from e4tcli.training.data import FeatureCache, MicroBatches, encode_arrays, loader
 from e4tcli.training.images import square_resize
 from e4tcli.training.step import Batch, StepLosses, training_step
+from e4tcli.training.tune import TuneSettings
 
 
 class Interrupted(E4TError):
@@ -44,17 +45,10 @@ class Interrupted(E4TError):
 
 
 @dataclass
-class PretrainSettings:
-    steps: int
-    learning_rate: float
-    batch_size: int
-    """The global batch: per-device batch x processes x gradient accumulation."""
-    resolution: int
-    lambda_emb: float
-    lambda_weights: float
-    seed: int = 0
-    weight_decay: float = 0.0
-    flip: bool = True
+class PretrainSettings(TuneSettings):
+    """The tuning settings (``batch_size`` being the global batch: per-device batch x
+    processes x gradient accumulation; ``flip`` mirrors half the images), plus:"""
+
     gradient_accumulation: int = 1
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
