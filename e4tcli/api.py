@@ -91,6 +91,8 @@ def make_accelerator(device: Optional[str], precision: str, gradient_accumulatio
 
 
 def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -> PretrainResult:
+    import torch
+
     from e4tcli.io.training_state import resolve_resume
     from e4tcli.models.e4t import E4TModel, unet_channels
     from e4tcli.models.encoder import EncoderConfig
@@ -114,8 +116,6 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         hidden_dim=options.encoder_hidden_dim,
     )
     offset_config = OffsetConfig(kind=options.offsets, rank=options.offset_rank)
-    import torch
-
     torch.manual_seed(options.seed)
     model = E4TModel(base, domain.class_word, encoder_config, offset_config, placement)
     if options.gradient_checkpointing:
