@@ -6,7 +6,7 @@ receive (step, losses) for progress display.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -121,24 +121,9 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     defaults = domain.pretrain
-    settings = PretrainSettings(
-        steps=options.steps or defaults.steps,
-        learning_rate=options.learning_rate or defaults.learning_rate,
-        batch_size=options.batch_size or defaults.batch_size,
-        resolution=options.resolution or defaults.resolution,
-        lambda_emb=defaults.lambda_emb if options.lambda_emb is None else options.lambda_emb,
-        lambda_weights=domain.lambda_weights if options.lambda_weights is None else options.lambda_weights,
-        seed=options.seed,
-        gradient_accumulation=options.gradient_accumulation,
-        checkpoint_every=options.checkpoint_every,
-        keep_last=options.keep_last,
-        validate_every=options.validate_every,
-        validation_images=options.validation_images,
-        optimizer=options.optimizer,
-        workers=options.workers,
-        cache_features=options.cache_features,
-        ema_decay=options.ema_decay,
-    )
+    resolution = options.resolution if options.resolution is not None else defaults.resolution
+    copied = {f.name: getattr(options, f.name) for f in fields(PretrainSettings) if f.name in PRETRAIN_COPIED}
+    settings = PretrainSettings(**phase_values(options, defaults, domain), resolution=resolution, **copied)
     recipe = {**asdict(options), "domain": domain.name}
     config = {
         "domain": domain.name,
@@ -285,15 +270,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
     square = square_resize(image, resolution)
     features = backbone_features(backbone, [square], encoder_config.backbone_layers)
     defaults = domain.tune
-    settings = TuneSettings(
-        steps=options.steps if options.steps is not None else defaults.steps,
-        learning_rate=options.learning_rate or defaults.learning_rate,
-        batch_size=options.batch_size or defaults.batch_size,
-        resolution=resolution,
-        lambda_emb=defaults.lambda_emb if options.lambda_emb is None else options.lambda_emb,
-        lambda_weights=domain.lambda_weights if options.lambda_weights is None else options.lambda_weights,
-        seed=options.seed,
-    )
+    settings = TuneSettings(**phase_values(options, defaults, domain), resolution=resolution, seed=options.seed)
     mask = domain.loss_mask(image) if domain.loss_mask is not None else None
     losses = tune_concept(
         model, square, features, domain.prompt_templates, settings, training_scheduler(base), mask, on_step
@@ -435,6 +412,28 @@ def png_info(metadata: dict[str, str]):
 
 
 # --------------------------------------------------------------------------- shared
+PRETRAIN_COPIED = frozenset({
+    "seed", "gradient_accumulation", "checkpoint_every", "keep_last", "validate_every", "validation_images",
+    "optimizer", "workers", "cache_features", "ema_decay",
+})
+"""PretrainSettings fields taken from PretrainOptions as they are (no domain default)."""
+
+
+def phase_values(options, defaults, domain: Domain) -> dict:
+    """Steps, learning rate, batch size and loss weights: the option when given, else the domain's default."""
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return {
+        "steps": pick(options.steps, defaults.steps),
+        "learning_rate": pick(options.learning_rate, defaults.learning_rate),
+        "batch_size": pick(options.batch_size, defaults.batch_size),
+        "lambda_emb": pick(options.lambda_emb, defaults.lambda_emb),
+        "lambda_weights": pick(options.lambda_weights, domain.lambda_weights),
+    }
+
+
 def training_scheduler(base):
     from diffusers import DDPMScheduler
 

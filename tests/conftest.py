@@ -10,6 +10,16 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    """Each test sees the plugins installed at that moment (tests add fake ones)."""
+    from e4tcli.cli.output import reset_registry
+
+    reset_registry()
+    yield
+    reset_registry()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """Path of a tiny epsilon-prediction Stable Diffusion folder (64 px, text width 32)."""

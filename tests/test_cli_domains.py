@@ -1,21 +1,12 @@
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from e4tcli import __version__
 from e4tcli.cli import app
-from e4tcli.cli.output import reset_registry
 from tests.fake_plugins import install_distribution, plugin_source
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    reset_registry()
-    yield
-    reset_registry()
 
 
 def test_domains_lists_builtins_with_distributions_plainly():

@@ -8,15 +8,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from e4tcli.cli import app
-from e4tcli.cli.output import reset_registry
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    reset_registry()
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from e4tcli.cli import app
-from e4tcli.cli.output import reset_registry
 from tests.test_dataset_formats import lmdb_folder, photos, shard_folder, wikiart_root  # noqa: F401 (fixtures)
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    reset_registry()
-    yield
 
 
 @pytest.fixture

@@ -13,15 +13,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from e4tcli.cli import app
-from e4tcli.cli.output import reset_registry
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    reset_registry()
-    yield
 
 
 @pytest.fixture
