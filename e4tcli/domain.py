@@ -32,7 +32,10 @@ class Domain:
     class_word: str
     """A single CLIP token naming the coarse class ("face", "cat", "painting")."""
     prompt_templates: tuple[str, ...]
-    """Training prompts, each containing the placeholder ``S*``."""
+    """Training prompts, each containing the placeholder ``S*``. A template may name
+    fields of the dataset's per-image metadata, e.g. ``"a {style} painting by S*"``:
+    pre-training fills them when the dataset has ``metadata(i)``; tuning (a user's
+    image has no metadata) uses only the templates without fields."""
     base_model: str
     """Default text-to-image model: a hub id or a local diffusers folder."""
     backbone: str
@@ -67,6 +70,29 @@ class Domain:
         return out
 
 
+def template_fields(template: str) -> set[str]:
+    """The ``{field}`` names a prompt template uses (empty for a plain template)."""
+    from string import Formatter
+
+    return {field for _, field, _, _ in Formatter().parse(template) if field is not None}
+
+
+def plain_templates(templates: tuple[str, ...]) -> tuple[str, ...]:
+    """The templates that need no metadata."""
+    return tuple(t for t in templates if not template_fields(t))
+
+
+def fill_template(template: str, metadata: Optional[dict]) -> Optional[str]:
+    """``template`` with its fields filled from ``metadata`` ("_" read as spaces); None when one is missing."""
+    fields_used = template_fields(template)
+    if not fields_used:
+        return template
+    values = {name: str((metadata or {}).get(name) or "").replace("_", " ").strip() for name in fields_used}
+    if not all(values.values()):
+        return None
+    return template.format(**values)
+
+
 def validate_domain(domain: Any) -> list[str]:
     """Every problem that makes ``domain`` unusable; an empty list when it is fine."""
     from e4tcli.vocab import is_single_clip_token
@@ -93,6 +119,15 @@ def validate_domain(domain: Any) -> list[str]:
         for template in templates:
             if PLACEHOLDER not in template:
                 problems.append(f"prompt template '{template}' does not contain '{PLACEHOLDER}'")
+            try:
+                names = template_fields(template)
+            except ValueError as error:
+                problems.append(f"prompt template '{template}' has malformed {{fields}} ({error})")
+                continue
+            if any(not name.isidentifier() for name in names):
+                problems.append(f"prompt template '{template}' may only use named fields like {{style}}")
+        if not any(PLACEHOLDER in t and not _has_fields(t) for t in templates if isinstance(t, str)):
+            problems.append("prompt_templates needs at least one template without {fields} (used for tuning)")
     for phase_name in ("pretrain", "tune"):
         phase = getattr(domain, phase_name)
         if not isinstance(phase, PhaseDefaults):
@@ -110,3 +145,10 @@ def validate_domain(domain: Any) -> list[str]:
         if getattr(domain, name) is not None and not callable(getattr(domain, name)):
             problems.append(f"'{name}' must be callable or None")
     return problems
+
+
+def _has_fields(template: str) -> bool:
+    try:
+        return bool(template_fields(template))
+    except ValueError:
+        return True

@@ -281,3 +281,21 @@ def test_any_images_picks_the_format_from_disk(lmdb_folder, shard_folder, wikiar
         from e4tcli.plugins import load_registry
 
         assert isinstance(load_registry().get(name).domain.dataset(str(folder)), LmdbImages)
+
+
+def test_art_prompts_use_the_wikiart_style_name(wikiart_root):
+    """Pre-training fills "{style}" from each painting's metadata; images without it get a plain template."""
+    from e4tcli.datasets import ImageFolder
+    from e4tcli.plugins import load_registry
+    from e4tcli.training.pretrain import PlannedSample, sample_prompt
+
+    art = load_registry().get("art").domain
+    styled = [t for t in art.prompt_templates if "{style}" in t]
+    assert styled, "the art domain has a template using the style name"
+    data = WikiArt(wikiart_root)
+    prompts = {data.metadata(i)["path"]: sample_prompt(PlannedSample(i, False, styled[0], 0), data, "plain S*")
+               for i in range(len(data))}
+    assert prompts["Ukiyo_e/katsushika-hokusai_the-great-wave.jpg"] == styled[0].format(style="Ukiyo e")
+    assert prompts["Baroque/rembrandt_self-portrait.jpg"] == styled[0].format(style="Baroque")
+    plain_folder = ImageFolder(wikiart_root / "Baroque")
+    assert sample_prompt(PlannedSample(0, False, styled[0], 0), plain_folder, "plain S*") == "plain S*"

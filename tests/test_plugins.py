@@ -161,3 +161,29 @@ def test_domain_defaults_are_plain_data():
     assert defaults["tune"] == {"steps": 1, "learning_rate": 1e-4, "batch_size": 1, "resolution": 64, "lambda_emb": 0.1}
     assert defaults["prompt_templates"] == ["S*"]
     assert defaults["dataset"] == "builtins.len"
+
+
+def test_prompt_template_fields():
+    from e4tcli.domain import fill_template, plain_templates, template_fields
+
+    assert template_fields("a {style} painting by S*") == {"style"}
+    assert template_fields("a photo of S*") == set()
+    assert fill_template("a {style} painting by S*", {"style": "Ukiyo_e"}) == "a Ukiyo e painting by S*"
+    assert fill_template("a {style} painting by S*", {"artist": "x"}) is None
+    assert fill_template("a {style} painting by S*", {"style": ""}) is None
+    assert plain_templates(("a {style} S*", "art by S*")) == ("art by S*",)
+
+
+@pytest.mark.parametrize("templates, problem", [
+    (("a {style} painting by S*",), "at least one template without {fields}"),
+    (("art by S*", "a {0} painting by S*"), "named fields"),
+    (("art by S*", "a {style painting by S*"), "malformed"),
+])
+def test_bad_template_fields_are_rejected(templates, problem):
+    from dataclasses import replace
+
+    from e4tcli.domain import validate_domain
+
+    art = load_registry().get("art").domain
+    problems = validate_domain(replace(art, prompt_templates=templates))
+    assert any(problem in p for p in problems), problems

@@ -181,3 +181,22 @@ def test_workers_cache_and_ema(base_args, tmp_path):
     from e4tcli.io.checkpoint import load_checkpoint
 
     assert all(torch.equal(load_checkpoint(cached).tensors[k], ema[k]) for k in ema)
+
+
+def test_unreadable_images_found_by_workers_are_counted(base_args, tmp_path, photo_folder):
+    """A file that fails to decode inside a DataLoader worker is reported like one found inline."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(photo_folder / "chelsea.png", data / "chelsea.png")
+    shutil.copy(photo_folder / "coffee.png", data / "truncated.png")
+    raw = (data / "truncated.png").read_bytes()
+    (data / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    args = [a if a != str(photo_folder) else str(data) for a in base_args] + ["--steps", "3"]
+    counts = {}
+    for workers in ("0", "2"):
+        result = pretrain([*args, "--out", str(tmp_path / f"run{workers}"), "--workers", workers])
+        assert result.exit_code == 0, result.output
+        counts[workers] = json.loads(result.stdout)["skipped_images"]
+    assert counts == {"0": 1, "2": 1}

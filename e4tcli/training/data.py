@@ -45,12 +45,30 @@ class MicroBatches(torch.utils.data.Dataset):
         first = (micro * self.world + self.rank) * self.per_device
         return self.plan(step)[first : first + self.per_device]
 
-    def __getitem__(self, item: int) -> torch.Tensor:
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, list]:
+        """The micro-batch, and the files found unreadable while decoding it.
+
+        In a worker process the dataset is a copy, so what it learns about bad
+        files must travel back with the batch to be counted.
+        """
+        skipped = getattr(self.dataset, "skipped", None)
+        known = len(skipped) if skipped is not None else 0
         arrays = []
         for sample in self.samples(item):
             array = decode(self.dataset, sample.index, self.resolution, self.preprocess)
             arrays.append(array[:, ::-1] if sample.flip else array)
-        return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+        found = list(skipped[known:]) if skipped is not None else []
+        return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))), found
+
+
+def merge_skipped(dataset, found: list) -> None:
+    """Record files a worker found unreadable in the training process's dataset (once each)."""
+    skipped = getattr(dataset, "skipped", None)
+    if skipped is None:
+        return
+    for entry in found:
+        if entry not in skipped:
+            skipped.append(entry)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

@@ -26,13 +26,13 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from e4tcli.domain import PLACEHOLDER
+from e4tcli.domain import PLACEHOLDER, fill_template, plain_templates, template_fields
 from e4tcli.errors import E4TError, RuntimeFailure, UsageError
 from e4tcli.io.training_state import load_training_state, prune_checkpoints, save_training_checkpoint
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import Backbone, backbone_features
 from e4tcli.models.weight_offsets import shared_factors
-from e4tcli.training.data import FeatureCache, MicroBatches, encode_arrays, loader
+from e4tcli.training.data import FeatureCache, MicroBatches, encode_arrays, loader, merge_skipped
 from e4tcli.training.images import square_resize
 from e4tcli.training.step import Batch, StepLosses, training_step
 from e4tcli.training.tune import TuneSettings
@@ -83,8 +83,19 @@ def plan_step(step: int, settings: PretrainSettings, indices: Sequence[int], tem
     ]
 
 
-def make_batch(model: E4TModel, mean, std, features, samples: list[PlannedSample], noise_scheduler) -> Batch:
-    """A training batch from posterior statistics and backbone features, with each sample's own noise."""
+def sample_prompt(sample: PlannedSample, dataset, fallback: str) -> str:
+    """The sample's template with the image's metadata filled in, or ``fallback`` when it lacks a field."""
+    if not template_fields(sample.template):
+        return sample.template
+    metadata = dataset.metadata(sample.index) if hasattr(dataset, "metadata") else None
+    return fill_template(sample.template, metadata) or fallback
+
+
+def make_batch(model: E4TModel, mean, std, features, samples: list[PlannedSample], noise_scheduler,
+               prompts: Optional[list[str]] = None) -> Batch:
+    """A training batch from posterior statistics and backbone features, with each sample's own noise.
+
+    ``prompts`` (default: the planned templates) are the filled-in templates."""
     device = model.placement.device
     latents, noise, timesteps = [], [], []
     for i, sample in enumerate(samples):
@@ -94,7 +105,7 @@ def make_batch(model: E4TModel, mean, std, features, samples: list[PlannedSample
         timesteps.append(
             torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator, device=device)
         )
-    prompts = [sample.template for sample in samples]
+    prompts = prompts or [sample.template for sample in samples]
     return Batch(
         latents=torch.stack(latents),
         image_features=features,
@@ -266,6 +277,7 @@ def pretrain_domain(
         return folder
 
     plan = functools.partial(plan_step, settings=settings, indices=train_indices, templates=prompt_templates)
+    plain = plain_templates(prompt_templates)
     cache = None
     if settings.cache_features:
         cache = FeatureCache(run_dir / "cache")
@@ -297,9 +309,11 @@ def pretrain_domain(
                         rows = [cache.lookup(sample.index, sample.flip) for sample in mine]
                         mean, std, features = (torch.stack(column).to(accelerator.device) for column in zip(*rows))
                     else:
-                        arrays = next(micro_batches)
+                        arrays, found_unreadable = next(micro_batches)
+                        merge_skipped(dataset, found_unreadable)
                         mean, std, features = encode_arrays(model, backbone, list(arrays.numpy()))
-                    batch = make_batch(model, mean, std, features, mine, noise_scheduler)
+                    prompts = [sample_prompt(sample, dataset, plain[0]) for sample in mine]
+                    batch = make_batch(model, mean, std, features, mine, noise_scheduler, prompts)
                     with accelerator.accumulate(parts), shared_factors(model.offsets):
                         total, parts_losses = parts(batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights)
                         if not math.isfinite(float(accelerator.reduce(parts_losses[0], "sum"))):
@@ -335,7 +349,7 @@ def pretrain_domain(
                     last_checkpoint = save(step)
                 if settings.validate_every and step % settings.validate_every == 0 and main and held_out:
                     save_validation_grid(
-                        model, backbone, dataset, held_out, settings, prompt_templates,
+                        model, backbone, dataset, held_out, settings, plain,
                         run_dir / "validation" / f"step-{step:07d}.png", preprocess,
                     )
                 if stopping:

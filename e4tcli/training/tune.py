@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from e4tcli.domain import PLACEHOLDER
+from e4tcli.domain import PLACEHOLDER, plain_templates
 from e4tcli.errors import RuntimeFailure
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.weight_offsets import shared_factors
@@ -57,6 +57,7 @@ def tune_concept(
     templates and (with ``flip``) mirroring; the VAE posterior of each view is
     computed once and sampled at every step.
     """
+    prompt_templates = plain_templates(prompt_templates)
     device = model.placement.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     rng = random.Random(settings.seed)

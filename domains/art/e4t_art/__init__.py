@@ -22,6 +22,7 @@ def register_domains(register):
                 "a picture in the style of S*",
                 "an artwork in the style of S*",
                 "a rendition in the style of S*",
+                "a {style} painting by S*",
             ),
             base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
             backbone="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
