@@ -4,22 +4,30 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test completions clean
+.PHONY: demo demo-tiny minifaces test completions clean
 
 # CPU-only machines get the pinned CPU build of torch first, so no multi-GB CUDA build is pulled.
-$(STAMP): pyproject.toml domains/faces/pyproject.toml domains/cats/pyproject.toml domains/art/pyproject.toml
+$(STAMP): pyproject.toml domains/faces/pyproject.toml domains/cats/pyproject.toml domains/art/pyproject.toml \
+          domains/minifaces/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e ".[test]" -e domains/faces -e domains/cats -e domains/art
+	$(BIN)/pip install -q -e ".[test]" -e domains/faces -e domains/cats -e domains/art -e domains/minifaces
 	$(BIN)/pip install -q --no-deps clip-anytorch
 	touch $(STAMP)
 
-# The main job, offline on a CPU: tiny random-weight models stand in for Stable Diffusion
-# (no weights can be downloaded here), pre-trained for a few steps, then tune + generate.
-DEMO := .cache/demo
+# The main job, offline on a CPU, in seconds: personalize the shipped miniature world's model
+# to one example portrait (a face it never saw), then draw that face in new scenes.
+DEMO    := .cache/demo
+EXAMPLE := domains/minifaces/e4t_minifaces/examples/mira.png
 demo: $(STAMP)
-	$(BIN)/e4t domains
+	$(BIN)/e4t tune $(EXAMPLE) --domain minifaces --out $(DEMO)/mira.safetensors
+	$(BIN)/e4t generate $(DEMO)/mira.safetensors "a S* on a red background" --num-images 4 --out outputs/red
+	$(BIN)/e4t generate $(DEMO)/mira.safetensors "a S* on a yellow background, on the left" --num-images 4 --out outputs/yellow
+
+# The Stable Diffusion code path on tiny random-weight models (the pictures are noise):
+# pre-train a cats checkpoint for 20 steps, tune it on one photo, generate.
+demo-tiny: $(STAMP)
 	$(BIN)/python -m e4tcli.tiny $(DEMO)/models
 	$(BIN)/python scripts/demo_photos.py $(DEMO)/photos
 	$(BIN)/e4t pretrain --domain cats --data $(DEMO)/photos --out $(DEMO)/cats-checkpoint \
@@ -27,7 +35,11 @@ demo: $(STAMP)
 	    --steps 20 --batch-size 4 --resolution 64 --encoder-hidden-dim 64
 	$(BIN)/e4t tune $(DEMO)/photos/chelsea.png --domain cats --checkpoint $(DEMO)/cats-checkpoint \
 	    --out $(DEMO)/chelsea.safetensors
-	$(BIN)/e4t generate $(DEMO)/chelsea.safetensors "S* as an astronaut" --num-images 4 --steps 20 --out outputs
+	$(BIN)/e4t generate $(DEMO)/chelsea.safetensors "S* as an astronaut" --num-images 4 --steps 20 --out outputs/tiny
+
+# Rebuild the miniature world's shipped weights from scratch (about 1.5 h on 2 CPU cores).
+minifaces: $(STAMP)
+	$(BIN)/python -m e4t_minifaces.build --work .cache/minifaces-build
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -34,6 +34,8 @@ class PretrainOptions:
     offsets: str = "paper"
     offset_rank: int = 4
     encoder_hidden_dim: int = 768
+    encoder_scale: float = 0.1
+    """s in ``S* = emb(class word) + s * offset``."""
     device: Optional[str] = None
     precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -114,6 +116,7 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         unet_channels=unet_channels(base.unet),
         embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1],
         hidden_dim=options.encoder_hidden_dim,
+        scale=options.encoder_scale,
     )
     offset_config = OffsetConfig(kind=options.offsets, rank=options.offset_rank)
     torch.manual_seed(options.seed)
@@ -256,9 +259,11 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
             raise UsageError(f"{options.image}: {error.message}", hint=error.hint) from None
 
     placement = choose_placement(options.device, options.precision)
-    base = load_base_model(options.base_model or config["base_model"]["source"], placement.device, placement.dtype)
+    base_source = options.base_model or recorded_source(config["base_model"]["source"], domain.base_model)
+    base = load_base_model(base_source, placement.device, placement.dtype)
     check_same("base model", config["base_model"], base.source, base.fingerprint, "--base-model")
-    backbone = load_backbone(config["backbone"]["source"], placement.device, placement.dtype)
+    backbone_source = recorded_source(config["backbone"]["source"], domain.backbone)
+    backbone = load_backbone(backbone_source, placement.device, placement.dtype)
     check_same("image backbone", config["backbone"], backbone.source, backbone.fingerprint, "the backbone")
     encoder_config = EncoderConfig.from_dict(config["encoder"])
     model = E4TModel(base, domain.class_word, encoder_config, OffsetConfig(**config["offsets"]), placement)
@@ -328,7 +333,8 @@ def load_concept_model(concept_path: str, base_model: Optional[str], placement):
 
     concept = load_concept(Path(concept_path))
     info = concept.info
-    base = load_base_model(base_model or info["base_model"]["source"], placement.device, placement.dtype)
+    base_source = base_model or recorded_source(info["base_model"]["source"], lambda: installed_base_model(info["domain"]))
+    base = load_base_model(base_source, placement.device, placement.dtype)
     check_same("base model", info["base_model"], base.source, base.fingerprint, "--base-model")
     encoder_config = EncoderConfig.from_dict(info["encoder"])
     model = E4TModel(
@@ -412,6 +418,28 @@ def png_info(metadata: dict[str, str]):
 
 
 # --------------------------------------------------------------------------- shared
+def recorded_source(recorded: str, fallback) -> str:
+    """The model source a checkpoint or concept recorded, or the domain's default when that was a
+    local folder that is not here (weights shipped inside a plugin package installed elsewhere).
+
+    ``fallback`` is a source or a function returning one (or None). The fingerprint check that
+    follows every load makes sure the fallback is the same model.
+    """
+    if Path(recorded).is_absolute() and not Path(recorded).exists():
+        chosen = fallback() if callable(fallback) else fallback
+        if chosen:
+            return chosen
+    return recorded
+
+
+def installed_base_model(domain_name: str) -> Optional[str]:
+    from e4tcli.plugins import load_registry
+
+    registered = load_registry().domains.get(domain_name)
+    return registered.domain.base_model if registered else None
+
+
+
 PRETRAIN_COPIED = frozenset({
     "seed", "gradient_accumulation", "checkpoint_every", "keep_last", "validate_every", "validation_images",
     "optimizer", "workers", "cache_features", "ema_decay",

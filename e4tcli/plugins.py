@@ -27,7 +27,7 @@ from e4tcli.domain import Domain, validate_domain
 from e4tcli.errors import UsageError
 
 ENTRY_POINT_GROUP = "e4t"
-BUILTIN_DISTRIBUTIONS = frozenset({"e4t-faces", "e4t-cats", "e4t-art"})
+BUILTIN_DISTRIBUTIONS = frozenset({"e4t-faces", "e4t-cats", "e4t-art", "e4t-minifaces"})
 
 
 def debug_enabled() -> bool:

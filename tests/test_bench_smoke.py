@@ -21,3 +21,15 @@ def test_gpu_script_runs_on_cpu_at_tiny_size():
     phases = [row["phase"] for row in report["rows"]]
     assert any(p.startswith("tune") for p in phases) and any("generat" in p for p in phases)
     assert all(row["note"] == "ok" and row["seconds"] > 0 for row in report["rows"])
+
+
+def test_minifaces_quality_runs_every_kind_of_method():
+    report = run("minifaces_quality.py", "--methods", "base,e4t-1,ti-2,dreambooth-2", "--identities", "1",
+                 "--seeds-per-prompt", "1", "--sampling-steps", "4", "--threads", "1")
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == ["base", "e4t-1", "ti-2", "dreambooth-2"]
+    assert all(0.0 <= row["identity"] <= 1.0 and 0.0 <= row["fidelity"] <= 1.0 for row in rows.values())
+    assert rows["base"]["concept_bytes"] == 0
+    # a word embedding < an E4T concept (encoder + offset factors) < a whole UNet
+    assert 0 < rows["ti-2"]["concept_bytes"] < rows["e4t-1"]["concept_bytes"] < rows["dreambooth-2"]["concept_bytes"]
+    assert all(rows[m]["tune_seconds"] > 0 for m in ("e4t-1", "ti-2", "dreambooth-2"))

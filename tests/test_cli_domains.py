@@ -14,7 +14,7 @@ def test_domains_lists_builtins_with_distributions_plainly():
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     rows = {line.split()[0]: line for line in lines[1:]}
-    assert set(rows) == {"art", "cats", "faces"}
+    assert set(rows) == {"art", "cats", "faces", "minifaces"}
     assert "e4t-cats 0.1.0" in rows["cats"] and " cat " in rows["cats"]
     assert "e4t-faces" in rows["faces"] and "face" in rows["faces"]
     assert "painting" in rows["art"]
@@ -78,7 +78,7 @@ def test_broken_third_party_plugin_warns_once_and_cli_works(tmp_path, monkeypatc
     monkeypatch.syspath_prepend(str(site))
     result = runner.invoke(app, ["domains", "--json"])
     assert result.exit_code == 0
-    assert {d["name"] for d in json.loads(result.stdout)["domains"]} == {"art", "cats", "faces"}
+    assert {d["name"] for d in json.loads(result.stdout)["domains"]} == {"art", "cats", "faces", "minifaces"}
     warnings = result.stderr.strip().splitlines()
     assert len(warnings) == 2
     broken = next(w for w in warnings if "broken" in w)

@@ -22,7 +22,7 @@ def complete(words: str, cword: int) -> list[str]:
 
 
 def test_domain_names_complete_from_the_registry():
-    assert complete("e4t domains show ", 3) == ["art", "cats", "faces"]
+    assert complete("e4t domains show ", 3) == ["art", "cats", "faces", "minifaces"]
     assert complete("e4t domains show f", 3) == ["faces"]
 
 
@@ -32,4 +32,4 @@ def test_commands_complete():
 
 def test_domain_option_completes_for_tune_and_pretrain():
     assert complete("e4t tune cat.jpg --domain c", 4) == ["cats"]
-    assert complete("e4t pretrain --domain ", 3) == ["art", "cats", "faces"]
+    assert complete("e4t pretrain --domain ", 3) == ["art", "cats", "faces", "minifaces"]

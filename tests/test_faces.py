@@ -99,7 +99,7 @@ def test_domains_register_with_their_loaders_and_list():
     finally:
         reset_registry()
     assert result.exit_code == 0
-    assert {line.split()[0] for line in result.stdout.splitlines()[1:]} == {"art", "cats", "faces"}
+    assert {line.split()[0] for line in result.stdout.splitlines()[1:]} == {"art", "cats", "faces", "minifaces"}
 
 
 def test_registering_domains_imports_no_cv2_lmdb_or_torch():

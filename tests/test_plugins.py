@@ -132,7 +132,7 @@ def test_entry_point_plugin_env_controls(tmp_path, monkeypatch):
     assert registry.domains["wolves"].plugin.version == "1.2.3"
 
     monkeypatch.setenv("E4T_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert load_registry().names() == ["art", "cats", "faces"]
+    assert load_registry().names() == ["art", "cats", "faces", "minifaces"]
     monkeypatch.setenv("E4T_LOAD_PLUGINS", "e4t-wolves")
     assert "wolves" in load_registry().names()
 

@@ -55,6 +55,9 @@ def pretrain(
     encoder_hidden_dim: Annotated[
         Optional[int], typer.Option("--encoder-hidden-dim", min=1, help="Width of the encoder head (default 768).")
     ] = None,
+    encoder_scale: Annotated[
+        Optional[float], typer.Option("--encoder-scale", min=0.0, help="s in S* = emb(class) + s * offset (default 0.1).")
+    ] = None,
     gradient_accumulation: Annotated[
         Optional[int], typer.Option("--gradient-accumulation", min=1, help="Micro-batches per optimizer step.")
     ] = None,
@@ -101,7 +104,7 @@ def pretrain(
     flags = dict(
         domain=domain, data=str(data) if data else None, out=str(out) if out else None, base_model=base_model,
         backbone=backbone, steps=steps, batch_size=batch_size, learning_rate=lr, resolution=resolution, seed=seed,
-        offsets=offsets, offset_rank=offset_rank, encoder_hidden_dim=encoder_hidden_dim,
+        offsets=offsets, offset_rank=offset_rank, encoder_hidden_dim=encoder_hidden_dim, encoder_scale=encoder_scale,
         gradient_accumulation=gradient_accumulation, checkpoint_every=checkpoint_every, keep_last=keep_last,
         resume=resume, validate_every=validate_every, optimizer=optimizer, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing, workers=workers, cache_features=cache_features,

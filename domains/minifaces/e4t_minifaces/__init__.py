@@ -1,0 +1,43 @@
+"""The minifaces domain: e4t's miniature world, small enough for a laptop CPU.
+
+The base model, the image backbone and the pre-trained domain checkpoint ship
+inside this package (``weights/``, fp16), all trained by e4t's own code from
+the procedural generator in ``world.py`` (``python -m e4t_minifaces.build``
+rebuilds them from scratch). ``examples/`` holds reference portraits of
+identities the models never saw.
+"""
+
+from pathlib import Path
+
+from e4tcli import Domain, PhaseDefaults, hookimpl
+from e4tcli.datasets import any_images
+
+WEIGHTS = Path(__file__).parent / "weights"
+EXAMPLES = Path(__file__).parent / "examples"
+
+
+def minifaces_domain() -> Domain:
+    return Domain(
+        name="minifaces",
+        description="Mini faces: e4t's 32 px miniature world (ships with its models; runs on a CPU).",
+        class_word="face",
+        prompt_templates=(
+            "a photo of S*",
+            "a photo of S* on a gray background",
+            "S* in the center, gray background",
+            "a photo of S* in the center",
+        ),
+        base_model=str(WEIGHTS / "base"),
+        backbone=str(WEIGHTS / "backbone"),
+        checkpoint=str(WEIGHTS / "checkpoint"),
+        pretrain=PhaseDefaults(steps=1000, learning_rate=1e-4, batch_size=16, resolution=32, lambda_emb=0.01),
+        tune=PhaseDefaults(steps=5, learning_rate=1e-4, batch_size=16, resolution=32, lambda_emb=0.01),
+        lambda_weights=1e-4,
+        dataset=any_images,
+        extra={"encoder_hidden_dim": 256, "examples": str(EXAMPLES)},
+    )
+
+
+@hookimpl
+def register_domains(register):
+    register(minifaces_domain())

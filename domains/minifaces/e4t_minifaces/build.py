@@ -1,0 +1,386 @@
+"""Rebuild the miniature world's shipped weights from scratch, on a CPU.
+
+    python -m e4t_minifaces.build --work .cache/minifaces-build
+
+Stages, in order (each writes into --work and is skipped when its output is
+already there, so an interrupted build continues where it stopped):
+
+  vae       the autoencoder: reconstruction + a small KL term
+  base      UNet and text encoder trained jointly on captioned generator
+            images (10% empty captions, for classifier-free guidance);
+            saved as an fp16 diffusers folder
+  backbone  a small CLIP vision tower, trained contrastively: two scenes of
+            one identity are a positive pair (our stand-in for a pretrained
+            CLIP, which knows faces without being told about identities)
+  domain    ``e4t pretrain --domain minifaces`` on portraits of training
+            identities, with e4t's own pre-training code
+  reader    the benchmark's attribute reader (see ``e4t_minifaces.reader``)
+  install   fp16 copies into the package (``e4t_minifaces/weights``)
+
+Held-out identities (``world.HOLDOUT_EVERY``) are never drawn for the base
+model, the backbone or the domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from e4t_minifaces import models, world
+
+PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
+
+
+@dataclass
+class BuildSettings:
+    work: Path
+    seed: int = 0
+    vae_steps: int = 800
+    base_steps: int = 3000
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    backbone_steps: int = 400
+    domain_steps: int = 1000
+    domain_images: int = 3000
+    reader_steps: int = 1000
+    threads: int = 0
+    install_to: str = ""
+    """Where ``install`` copies the weights (default: the package's ``weights`` folder)."""
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {stage}: {message}", flush=True)
+
+
+def batch_pixels(samples, count: int) -> tuple[torch.Tensor, list]:
+    items = [next(samples) for _ in range(count)]
+    return torch.from_numpy(world.image_array([item.image for item in items])), items
+
+
+def warmup_cosine(step: int, total: int, warmup: int = 200, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save_fp16(model, folder: Path) -> None:
+    """``save_pretrained`` of an fp16 copy, written under a temporary name then renamed."""
+    import copy
+
+    from e4tcli.io.atomic import atomic_folder
+
+    with atomic_folder(folder) as tmp:
+        copy.deepcopy(model).half().save_pretrained(tmp, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------- vae
+def train_vae(settings: BuildSettings) -> None:
+    out = settings.work / "vae"
+    if out.exists():
+        return
+    torch.manual_seed(settings.seed)
+    vae = models.new_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, settings.vae_steps, 50))
+    samples = world.samples(settings.seed + 1)
+    for step in range(settings.vae_steps):
+        pixels, _ = batch_pixels(samples, 32)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(reconstruction, pixels)
+        loss = mse + 1e-7 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == settings.vae_steps - 1:
+            log("vae", f"step {step} reconstruction mse {mse.item():.5f}")
+    vae.eval()
+    with torch.no_grad():
+        pixels, _ = batch_pixels(world.samples(settings.seed + 2), 256)
+        latents = vae.encode(pixels).latent_dist.sample()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    log("vae", f"scaling factor {vae.config.scaling_factor:.4f}")
+    save_fp16(vae, out)
+
+
+# --------------------------------------------------------------------------- base
+def train_base(settings: BuildSettings) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    from e4tcli.clip_bpe import write_tokenizer_files
+    from e4tcli.io.atomic import atomic_folder
+
+    out = settings.work / "base"
+    if out.exists():
+        return
+    vae = AutoencoderKL.from_pretrained(settings.work / "vae", torch_dtype=torch.float32).eval()
+    tokenizer_dir = write_tokenizer_files(settings.work / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(settings.seed)
+    unet, text_encoder = models.new_unet(), models.new_text_encoder()
+    unet.train()
+    text_encoder.train()
+    trained = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in trained]
+    optimizer = torch.optim.AdamW(trained, lr=settings.base_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, settings.base_steps))
+    noise_scheduler = DDPMScheduler.from_config(models.new_scheduler().config)
+    samples = world.samples(settings.seed + 3)
+    rng = random.Random(settings.seed)
+    started = time.perf_counter()
+    running = None
+    for step in range(settings.base_steps):
+        pixels, items = batch_pixels(samples, settings.base_batch)
+        captions = ["" if rng.random() < 0.1 else item.caption for item in items]
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        states = text_encoder(ids)[0]
+        loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=states).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for average, p in zip(ema, trained):
+                average.lerp_(p.detach(), 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == settings.base_steps - 1:
+            rate = (time.perf_counter() - started) / (step + 1)
+            log("base", f"step {step} loss {running:.4f} ({rate:.2f} s/step, {rate * (settings.base_steps - step - 1) / 60:.0f} min left)")
+    with torch.no_grad():
+        for average, p in zip(ema, trained):
+            p.copy_(average)
+    unet.eval()
+    text_encoder.eval()
+    with atomic_folder(out) as tmp:
+        save_fp16(unet, tmp / "unet")
+        save_fp16(text_encoder, tmp / "text_encoder")
+        shutil.copytree(settings.work / "vae", tmp / "vae")
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        models.new_scheduler().save_pretrained(tmp / "scheduler")
+        write_model_index(tmp)
+
+
+def write_model_index(folder: Path) -> None:
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- backbone
+def backbone_processor():
+    from transformers import CLIPImageProcessor
+
+    size = world.RESOLUTION
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def train_backbone(settings: BuildSettings) -> None:
+    from e4tcli.io.atomic import atomic_folder
+
+    out = settings.work / "backbone"
+    if out.exists():
+        return
+    torch.manual_seed(settings.seed)
+    model = models.new_backbone().train()
+    head = torch.nn.Linear(model.config.hidden_size, 64)
+    processor = backbone_processor()
+    parameters = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, settings.backbone_steps, 50))
+    rng = random.Random(settings.seed + 4)
+    for step in range(settings.backbone_steps):
+        identities = [world.random_identity(rng) for _ in range(64)]
+        views = [
+            world.render(identity, world.random_scene(rng), jitter=rng.randrange(1, 2**31))
+            for _ in range(2)
+            for identity in identities
+        ]
+        pixels = processor(images=views, return_tensors="pt").pixel_values
+        embedded = F.normalize(head(model(pixel_values=pixels).pooler_output), dim=-1)
+        first, second = embedded.chunk(2)
+        logits = first @ second.T / 0.1
+        # the same attributes may come up twice in a batch: only the diagonal counts as the positive
+        target = torch.arange(len(identities))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == settings.backbone_steps - 1:
+            accuracy = (logits.argmax(1) == target).float().mean().item()
+            log("backbone", f"step {step} contrastive loss {loss.item():.3f}, top-1 pair accuracy {accuracy:.2f}")
+    model.eval()
+    with atomic_folder(out) as tmp:
+        save_fp16(model, tmp / "model")
+        for path in (tmp / "model").iterdir():
+            path.rename(tmp / path.name)
+        (tmp / "model").rmdir()
+        processor.save_pretrained(tmp)
+
+
+# --------------------------------------------------------------------------- domain
+def write_portraits(folder: Path, count: int, seed: int) -> None:
+    from e4tcli.io.atomic import atomic_folder
+
+    if folder.exists():
+        return
+    rng = random.Random(seed)
+    with atomic_folder(folder) as tmp:
+        for i in range(count):
+            identity = world.random_identity(rng)
+            world.portrait(identity).save(tmp / f"{i:05d}-{identity.index:04d}.png")
+
+
+def pretrain_domain(settings: BuildSettings) -> None:
+    from e4tcli import api
+    from e4t_minifaces import minifaces_domain
+
+    out = settings.work / "domain"
+    if (out / "latest").exists():
+        return
+    portraits = settings.work / "portraits"
+    write_portraits(portraits, settings.domain_images, settings.seed + 5)
+    domain = minifaces_domain()
+    options = api.PretrainOptions(
+        data=str(portraits),
+        out=str(out),
+        base_model=str(settings.work / "base"),
+        backbone=str(settings.work / "backbone"),
+        steps=settings.domain_steps,
+        seed=settings.seed,
+        encoder_hidden_dim=domain.extra["encoder_hidden_dim"],
+        checkpoint_every=250,
+        keep_last=1,
+        cache_features=True,
+        device="cpu",
+    )
+    started = time.perf_counter()
+
+    def on_step(step, losses):
+        if step % 50 == 0 or step == settings.domain_steps:
+            rate = (time.perf_counter() - started) / max(step, 1)
+            log("domain", f"step {step} loss {losses.as_floats()['denoising']:.4f} ({rate:.2f} s/step)")
+
+    api.pretrain(options, domain, on_step=on_step)
+
+
+# --------------------------------------------------------------------------- reader
+def train_reader_stage(settings: BuildSettings) -> None:
+    from e4t_minifaces.reader import save_reader, train_reader
+
+    out = settings.work / "reader.safetensors"
+    if out.exists():
+        return
+    reader, accuracy = train_reader(settings.reader_steps, seed=settings.seed + 6, log=lambda m: log("reader", m))
+    save_reader(reader, out, accuracy)
+
+
+# --------------------------------------------------------------------------- install
+def install(settings: BuildSettings) -> None:
+    """Copy the fp16 models, the domain checkpoint (fp16, no optimizer state) and the reader into the package."""
+    from safetensors.torch import save_file
+
+    from e4tcli.io.atomic import atomic_folder
+    from e4tcli.io.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
+
+    target = Path(settings.install_to) if settings.install_to else PACKAGE_WEIGHTS
+    checkpoint = load_checkpoint(settings.work / "domain")
+    with atomic_folder(target) as tmp:
+        shutil.copytree(settings.work / "base", tmp / "base")
+        shutil.copytree(settings.work / "backbone", tmp / "backbone")
+        (tmp / "checkpoint").mkdir()
+        tensors = {name: t.half().contiguous() for name, t in checkpoint.tensors.items()}
+        save_file(tensors, str(tmp / "checkpoint" / WEIGHTS_NAME), metadata={"format": "e4t-domain-checkpoint"})
+        config = json.loads((checkpoint.folder / CONFIG_NAME).read_text())
+        # where the models will be once installed; e4t falls back to the domain's own folders
+        # when a recorded absolute folder is missing (a clone elsewhere), after a fingerprint check
+        config["base_model"]["source"] = str(target.resolve() / "base")
+        config["backbone"]["source"] = str(target.resolve() / "backbone")
+        (tmp / "checkpoint" / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shutil.copy(settings.work / "reader.safetensors", tmp / "reader.safetensors")
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    log("install", f"{target}: {size / 1e6:.1f} MB")
+    write_examples(target.parent / "examples")
+
+
+EXAMPLE_NAMES = ("mira", "otto", "juno")
+
+
+def write_examples(folder: Path) -> None:
+    """Reference portraits of held-out identities (never seen in training), for the README's main job."""
+    from e4t_minifaces.evaluate import held_out_identities
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, identity in zip(EXAMPLE_NAMES, held_out_identities(len(EXAMPLE_NAMES), seed=7)):
+        world.portrait(identity).save(folder / f"{name}.png")
+
+
+STAGES = {
+    "vae": train_vae,
+    "base": train_base,
+    "backbone": train_backbone,
+    "domain": pretrain_domain,
+    "reader": train_reader_stage,
+    "install": install,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e4t_minifaces.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path(".cache/minifaces-build"))
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of: " + ", ".join(STAGES))
+    for name, value in vars(BuildSettings(Path("."))).items():
+        if name != "work":
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    settings = BuildSettings(**{k: v for k, v in vars(args).items() if k != "stages"})
+    settings.work = settings.work.resolve()  # recorded in the domain checkpoint: must not depend on the cwd
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    settings.work.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        started = time.perf_counter()
+        log(stage, "start")
+        STAGES[stage](settings)
+        log(stage, f"done in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Does personalization work? Scores methods on held-out identities of the miniature world.
+
+Each method personalizes the base model from ONE reference portrait of an
+identity the models never saw, then draws it in new scenes ("a S* on a red
+background"). The attribute reader then says what each image shows:
+
+- identity score: the share of the reference identity's visible attributes
+  (all seven; six for a bald face, whose hair colour does not show) that the
+  image matches, averaged over images and identities;
+- prompt fidelity: the share of images whose background is the prompted one.
+
+Methods (same seeds, prompts, sampler and guidance for all):
+  base        no personalization: the class word in place of S*
+  e4t-N       the pre-trained domain encoder + weight offsets, tuned N steps (0: encoder only)
+  ti-N        Textual Inversion: one new word embedding, N steps
+  dreambooth-N  the whole UNet fine-tuned N steps on "sks face" (no prior preservation)
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from e4t_minifaces import world
+from e4t_minifaces.reader import load_reader, read_images
+
+PROMPT = "a S* on a {background} background"
+EVAL_BACKGROUNDS = ("red", "blue", "yellow", "green")
+BASELINE_BATCH = 4
+TI_LR = 5e-3
+DREAMBOOTH_LR = 1e-4
+DREAMBOOTH_WORD = "sks face"
+
+
+@dataclass
+class EvalSettings:
+    identities: int = 8
+    seeds_per_prompt: int = 2
+    backgrounds: tuple[str, ...] = EVAL_BACKGROUNDS
+    sampling_steps: int = 25
+    guidance: float = 5.0
+    seed: int = 1234
+    """Seeds the held-out identities (drawn by a different RNG stream than any training stage)."""
+
+
+@dataclass
+class MethodScore:
+    method: str
+    identity: float
+    fidelity: float
+    tune_seconds: float
+    concept_bytes: int
+    per_identity: list[float] = field(default_factory=list, repr=False)
+
+
+def held_out_identities(count: int, seed: int) -> list[world.Identity]:
+    rng = random.Random(f"eval:{seed}")
+    chosen: list[world.Identity] = []
+    while len(chosen) < count:
+        identity = world.random_identity(rng, held_out=True)
+        if identity not in chosen:
+            chosen.append(identity)
+    return chosen
+
+
+def scene_prompts(settings: EvalSettings) -> list[tuple[str, str]]:
+    """(prompt with S*, prompted background) for every generated image of an identity."""
+    return [(PROMPT.format(background=b), b) for b in settings.backgrounds for _ in range(settings.seeds_per_prompt)]
+
+
+def initial_latents(count: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The same per-image noise as e4t's own sampler (image i: seed + i)."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
+
+
+class World:
+    """The shipped models, loaded once; every method gets a fresh copy of what it changes."""
+
+    def __init__(self, weights: Path, device: str = "cpu"):
+        from e4tcli.device import choose_placement
+        from e4tcli.io.checkpoint import load_checkpoint
+        from e4tcli.models.loading import load_backbone, load_base_model
+
+        self.weights = Path(weights)
+        self.placement = choose_placement(device, "fp32")
+        self.checkpoint = load_checkpoint(self.weights / "checkpoint")
+        self.backbone = load_backbone(str(self.weights / "backbone"), self.placement.device, self.placement.dtype)
+        self.reader, self.reader_accuracy = load_reader(self.weights / "reader.safetensors")
+        self.plain = self.load_base()
+        self._e4t = None
+
+    def load_base(self):
+        from e4tcli.models.loading import load_base_model
+
+        return load_base_model(str(self.weights / "base"), self.placement.device, self.placement.dtype)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.plain.unet.config.sample_size
+        return (self.plain.unet.config.in_channels, size, size)
+
+    def e4t_model(self):
+        from e4tcli.models.e4t import E4TModel
+        from e4tcli.models.encoder import EncoderConfig
+        from e4tcli.models.weight_offsets import OffsetConfig
+
+        if self._e4t is None:
+            config = self.checkpoint.config
+            self._e4t = E4TModel(
+                self.load_base(), config["class_word"], EncoderConfig.from_dict(config["encoder"]),
+                OffsetConfig(**config["offsets"]), self.placement,
+            )
+        self._e4t.load_trainable_state_dict(self.checkpoint.tensors)
+        return self._e4t
+
+
+# --------------------------------------------------------------------------- sampling
+def plain_pipeline(base, unet=None, text_encoder=None, tokenizer=None):
+    from diffusers import StableDiffusionPipeline
+
+    from e4tcli.pipeline import sampling_scheduler
+
+    pipe = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=text_encoder or base.text_encoder, tokenizer=tokenizer or base.tokenizer,
+        unet=unet or base.unet, scheduler=sampling_scheduler(base.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_plain(pipe, prompts: list[str], settings: EvalSettings, latent_shape) -> list:
+    """Images for ``prompts``; the i-th image of each prompt group uses seed ``settings.seed + i``."""
+    per = settings.seeds_per_prompt
+    latents = torch.cat([initial_latents(per, settings.seed, latent_shape) for _ in range(len(prompts) // per)])
+    return pipe(
+        prompt=prompts, negative_prompt=[""] * len(prompts), latents=latents.to(pipe.unet.dtype),
+        num_inference_steps=settings.sampling_steps, guidance_scale=settings.guidance, height=world.RESOLUTION,
+        width=world.RESOLUTION, output_type="pil",
+    ).images
+
+
+def sample_e4t(model, features, settings: EvalSettings) -> list:
+    from e4tcli.pipeline import SamplingSettings, generate_images
+
+    images = []
+    for background in settings.backgrounds:
+        sampling = SamplingSettings(
+            prompt=PROMPT.format(background=background), num_images=settings.seeds_per_prompt, seed=settings.seed,
+            steps=settings.sampling_steps, guidance=settings.guidance, height=world.RESOLUTION, width=world.RESOLUTION,
+        )
+        images += generate_images(model, features, sampling)
+    return images
+
+
+# --------------------------------------------------------------------------- methods
+def run_base(w: World, identity, settings: EvalSettings):
+    prompts = [p.replace("S*", world.CLASS_WORD) for p, _ in scene_prompts(settings)]
+    return sample_plain(plain_pipeline(w.plain), prompts, settings, w.latent_shape), 0.0, 0
+
+
+def run_e4t(w: World, identity, settings: EvalSettings, steps: int):
+    from e4tcli.io.concept import save_concept
+    from e4tcli.models.loading import backbone_features
+    from e4tcli.training.tune import TuneSettings, tune_concept
+    from e4t_minifaces import minifaces_domain
+
+    domain = minifaces_domain()
+    model = w.e4t_model()
+    reference = world.portrait(identity)
+    started = time.perf_counter()
+    features = backbone_features(w.backbone, [reference], model.encoder_config.backbone_layers)
+    if steps:
+        from diffusers import DDPMScheduler
+
+        tune = domain.tune
+        tuning = TuneSettings(
+            steps=steps, learning_rate=tune.learning_rate, batch_size=tune.batch_size, resolution=world.RESOLUTION,
+            lambda_emb=tune.lambda_emb, lambda_weights=domain.lambda_weights, seed=0,
+        )
+        tune_concept(model, reference, features, domain.prompt_templates, tuning, DDPMScheduler.from_config(model.base.scheduler_config))
+    seconds = time.perf_counter() - started
+    images = sample_e4t(model, features, settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        size = save_concept(Path(tmp) / "c.safetensors", {**model.concept_state_dict(), "image_features": features[0]}, {})
+    return images, seconds, size
+
+
+def _training_batches(tokenizer, word: str, reference, base, steps: int, seed: int):
+    """Per step: clean latents (the reference and its mirror image), token ids of the domain's templates with ``word``."""
+    from e4tcli.training.images import latent_distribution, to_pixels
+    from e4t_minifaces import minifaces_domain
+
+    templates = minifaces_domain().prompt_templates
+    mean, std = latent_distribution(base.vae, to_pixels([reference, reference.transpose(0)]))
+    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    for _ in range(steps):
+        choice = torch.randint(0, 2, (BASELINE_BATCH,), generator=generator)
+        latents = mean[choice] + std[choice] * torch.randn(mean[choice].shape, generator=generator)
+        prompts = [rng.choice(templates).replace("S*", word) for _ in range(BASELINE_BATCH)]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        yield latents, ids, generator
+
+
+def denoising_loss(unet, text_states, latents, noise_scheduler, generator):
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text_states).sample, noise)
+
+
+def run_textual_inversion(w: World, identity, settings: EvalSettings, steps: int):
+    """One new token whose embedding (initialised as the class word's) is the only thing trained."""
+    from diffusers import DDPMScheduler
+    from safetensors.torch import save_file
+
+    from e4tcli.models.placeholder import PlaceholderEmbedding
+
+    base = w.load_base()
+    tokenizer, text_encoder = base.tokenizer, base.text_encoder
+    token = "<mini-s>"
+    tokenizer.add_tokens([token])
+    class_id = tokenizer(world.CLASS_WORD, add_special_tokens=False).input_ids[0]
+    embedding = PlaceholderEmbedding(text_encoder.get_input_embeddings(), tokenizer.convert_tokens_to_ids(token), class_id)
+    text_encoder.set_input_embeddings(embedding)
+    concept = embedding.weight[class_id].detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([concept], lr=TI_LR)
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    started = time.perf_counter()
+    for latents, ids, generator in _training_batches(tokenizer, token, world.portrait(identity), base, steps, 0):
+        with embedding.using(concept.expand(len(ids), -1)):
+            states = text_encoder(ids)[0]
+        loss = denoising_loss(base.unet, states, latents, noise_scheduler, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - started
+    prompts = [p.replace("S*", token) for p, _ in scene_prompts(settings)]
+    with embedding.using(concept.detach().expand(len(prompts), -1)):
+        images = sample_plain(plain_pipeline(base), prompts, settings, w.latent_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ti.safetensors"
+        save_file({token: concept.detach().contiguous()}, str(path))
+        size = path.stat().st_size
+    return images, seconds, size
+
+
+def run_dreambooth(w: World, identity, settings: EvalSettings, steps: int):
+    from diffusers import DDPMScheduler
+    from safetensors.torch import save_file
+
+    base = w.plain
+    unet = copy.deepcopy(base.unet).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=DREAMBOOTH_LR, weight_decay=1e-2)
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    started = time.perf_counter()
+    for latents, ids, generator in _training_batches(base.tokenizer, DREAMBOOTH_WORD, world.portrait(identity), base, steps, 0):
+        with torch.no_grad():
+            states = base.text_encoder(ids)[0]
+        loss = denoising_loss(unet, states, latents, noise_scheduler, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - started
+    unet.eval().requires_grad_(False)
+    prompts = [p.replace("S*", DREAMBOOTH_WORD) for p, _ in scene_prompts(settings)]
+    images = sample_plain(plain_pipeline(base, unet=unet), prompts, settings, w.latent_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "unet.safetensors"
+        save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(path))
+        size = path.stat().st_size
+    return images, seconds, size
+
+
+def run_method(w: World, method: str, identity, settings: EvalSettings):
+    name, _, steps = method.partition("-")
+    runners = {"e4t": run_e4t, "ti": run_textual_inversion, "dreambooth": run_dreambooth}
+    if name == "base":
+        return run_base(w, identity, settings)
+    if name not in runners or not steps.isdigit():
+        raise ValueError(f"unknown method '{method}' (base, e4t-N, ti-N, dreambooth-N)")
+    return runners[name](w, identity, settings, int(steps))
+
+
+# --------------------------------------------------------------------------- scoring
+def score_images(w: World, identity: world.Identity, images: list, backgrounds: list[str]) -> tuple[float, float]:
+    read = read_images(w.reader, images)
+    reference = identity.labels()
+    shown = identity.visible()
+    identity_matches = np.mean([[read[name][i] == reference[name] for name in shown] for i in range(len(images))])
+    wanted = [world.SCENE_CHOICES["background"].index(b) for b in backgrounds]
+    fidelity = np.mean(read["background"] == np.array(wanted))
+    return float(identity_matches), float(fidelity)
+
+
+def evaluate(w: World, methods: list[str], settings: EvalSettings, on_images=None) -> list[MethodScore]:
+    identities = held_out_identities(settings.identities, settings.seed)
+    backgrounds = [b for _, b in scene_prompts(settings)]
+    scores = []
+    for method in methods:
+        identity_scores, fidelities, seconds, size = [], [], [], 0
+        for identity in identities:
+            images, tune_seconds, size = run_method(w, method, identity, settings)
+            identity_score, fidelity = score_images(w, identity, images, backgrounds)
+            identity_scores.append(identity_score)
+            fidelities.append(fidelity)
+            seconds.append(tune_seconds)
+            if on_images is not None:
+                on_images(method, identity, images)
+        scores.append(
+            MethodScore(method, float(np.mean(identity_scores)), float(np.mean(fidelities)), float(np.median(seconds)), size, identity_scores)
+        )
+    return scores
+
+
+def chance_identity_score() -> float:
+    """What a random identity scores against the reference: the mean of 1/choices over attributes."""
+    return float(np.mean([1 / len(choices) for choices in world.IDENTITY_CHOICES.values()]))
