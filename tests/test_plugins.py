@@ -138,7 +138,7 @@ def test_entry_point_plugin_env_controls(tmp_path, monkeypatch):
 
     monkeypatch.delenv("E4T_DISABLE_PLUGIN_AUTOLOAD")
     monkeypatch.setenv("E4T_BLOCK_PLUGINS", "wolves,e4t-cats")
-    assert load_registry().names() == ["art", "faces"]
+    assert load_registry().names() == ["art", "faces", "minifaces"]
 
 
 def test_registering_every_domain_imports_no_torch():

@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ class EvalSettings:
     guidance: float = 5.0
     seed: int = 1234
     """Seeds the held-out identities (drawn by a different RNG stream than any training stage)."""
+    e4t_learning_rate: Optional[float] = None
+    """E4T's tuning learning rate (default: the domain's)."""
 
 
 @dataclass
@@ -184,7 +187,7 @@ def run_e4t(w: World, identity, settings: EvalSettings, steps: int):
 
         tune = domain.tune
         tuning = TuneSettings(
-            steps=steps, learning_rate=tune.learning_rate, batch_size=tune.batch_size, resolution=world.RESOLUTION,
+            steps=steps, learning_rate=settings.e4t_learning_rate or tune.learning_rate, batch_size=tune.batch_size, resolution=world.RESOLUTION,
             lambda_emb=tune.lambda_emb, lambda_weights=domain.lambda_weights, seed=0,
         )
         tune_concept(model, reference, features, domain.prompt_templates, tuning, DDPMScheduler.from_config(model.base.scheduler_config))
