@@ -87,7 +87,9 @@ def fill_template(template: str, metadata: Optional[dict]) -> Optional[str]:
     fields_used = template_fields(template)
     if not fields_used:
         return template
-    values = {name: str((metadata or {}).get(name) or "").replace("_", " ").strip() for name in fields_used}
+    metadata = metadata or {}
+    values = {name: "" if metadata.get(name) is None else str(metadata[name]).replace("_", " ").strip()
+              for name in fields_used}
     if not all(values.values()):
         return None
     return template.format(**values)

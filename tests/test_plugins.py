@@ -187,3 +187,10 @@ def test_bad_template_fields_are_rejected(templates, problem):
     art = load_registry().get("art").domain
     problems = validate_domain(replace(art, prompt_templates=templates))
     assert any(problem in p for p in problems), problems
+
+
+def test_template_field_with_a_falsy_value_is_filled():
+    from e4tcli.domain import fill_template
+
+    assert fill_template("style {style_id} by S*", {"style_id": 0}) == "style 0 by S*"
+    assert fill_template("style {style_id} by S*", {"style_id": None}) is None

@@ -46,7 +46,7 @@ class BuildSettings:
     work: Path
     seed: int = 0
     vae_steps: int = 800
-    base_steps: int = 3000
+    base_steps: int = 2500
     base_batch: int = 32
     base_lr: float = 1e-3
     backbone_steps: int = 400
@@ -268,7 +268,8 @@ def pretrain_domain(settings: BuildSettings) -> None:
     from e4t_minifaces import minifaces_domain
 
     out = settings.work / "domain"
-    if (out / "latest").exists():
+    latest = out / "latest"
+    if latest.exists() and latest.read_text().strip() == f"checkpoint-{settings.domain_steps:07d}":
         return
     portraits = settings.work / "portraits"
     write_portraits(portraits, settings.domain_images, settings.seed + 5)
@@ -285,6 +286,7 @@ def pretrain_domain(settings: BuildSettings) -> None:
         keep_last=1,
         cache_features=True,
         device="cpu",
+        resume="latest" if latest.exists() else None,  # an interrupted build continues exactly
     )
     started = time.perf_counter()
 
