@@ -85,7 +85,6 @@ def build_tiny_base_model(
     block and two cross-attention up blocks (14 attention layers: 7 self, 7
     cross). The VAE downsamples by 8 (64 px -> 8x8x4 latents).
     """
-    import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -146,23 +145,32 @@ def build_tiny_base_model(
             model.save_pretrained(out / name, safe_serialization=True)
     scheduler.save_pretrained(out / "scheduler")
     write_tokenizer_files(out / "tokenizer")
-    # Written by hand rather than by StableDiffusionPipeline.save_pretrained:
-    # importing the pipeline costs seconds, and its save would turn tokenizer/
-    # into a tokenizer.json. Unused components are [null, null], as in SD 2.x.
+    write_model_index(out, type(scheduler).__name__)
+    return out
+
+
+def write_model_index(out: Path, scheduler_class: str) -> None:
+    """``model_index.json`` of a Stable Diffusion folder (unet, vae, text encoder, tokenizer, scheduler).
+
+    Written by hand rather than by StableDiffusionPipeline.save_pretrained:
+    importing the pipeline costs seconds, and its save would turn tokenizer/
+    into a tokenizer.json. Unused components are [null, null], as in SD 2.x.
+    """
+    import diffusers
+
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", type(scheduler).__name__],
+        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
+    (Path(out) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def build_tiny_backbone(out_dir: str | Path, *, seed: int = 0, image_size: int = 32) -> Path:

@@ -122,6 +122,7 @@ def train_base(settings: BuildSettings) -> None:
 
     from e4tcli.clip_bpe import write_tokenizer_files
     from e4tcli.io.atomic import atomic_folder
+    from e4tcli.tiny import write_model_index
 
     out = settings.work / "base"
     if out.exists():
@@ -176,26 +177,9 @@ def train_base(settings: BuildSettings) -> None:
         save_fp16(text_encoder, tmp / "text_encoder")
         shutil.copytree(settings.work / "vae", tmp / "vae")
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        models.new_scheduler().save_pretrained(tmp / "scheduler")
-        write_model_index(tmp)
-
-
-def write_model_index(folder: Path) -> None:
-    import diffusers
-
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        scheduler = models.new_scheduler()
+        scheduler.save_pretrained(tmp / "scheduler")
+        write_model_index(tmp, type(scheduler).__name__)
 
 
 # --------------------------------------------------------------------------- backbone
