@@ -87,7 +87,6 @@ def build_tiny_base_model(
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from e4tcli.clip_bpe import write_tokenizer_files
 
@@ -124,20 +123,7 @@ def build_tiny_base_model(
     )
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=text_width,
-            intermediate_size=4 * text_width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TEXT_LENGTH,
-            projection_dim=text_width,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=EOS_ID,
-        )
-    )
+    text_encoder = clip_text_encoder(text_width)
 
     scheduler = _scheduler(prediction_type)
     with _no_progress_bars():
@@ -147,6 +133,26 @@ def build_tiny_base_model(
     write_tokenizer_files(out / "tokenizer")
     write_model_index(out, type(scheduler).__name__)
     return out
+
+
+def clip_text_encoder(width: int, layers: int = 2):
+    """A small CLIPTextModel with the real CLIP vocabulary and special-token ids (random weights)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TEXT_LENGTH,
+            projection_dim=width,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=EOS_ID,
+        )
+    )
 
 
 def write_model_index(out: Path, scheduler_class: str) -> None:

@@ -90,7 +90,7 @@ class World:
     def __init__(self, weights: Path, device: str = "cpu"):
         from e4tcli.device import choose_placement
         from e4tcli.io.checkpoint import load_checkpoint
-        from e4tcli.models.loading import load_backbone, load_base_model
+        from e4tcli.models.loading import load_backbone
 
         self.weights = Path(weights)
         self.placement = choose_placement(device, "fp32")

@@ -51,24 +51,9 @@ def new_unet():
 
 
 def new_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from e4tcli.tiny import clip_text_encoder
 
-    from e4tcli.tiny import BOS_ID, CLIP_VOCAB_SIZE, EOS_ID, MAX_TEXT_LENGTH
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=4 * TEXT_WIDTH,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TEXT_LENGTH,
-            projection_dim=TEXT_WIDTH,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=EOS_ID,
-        )
-    )
+    return clip_text_encoder(TEXT_WIDTH, layers=2)
 
 
 def new_scheduler():
