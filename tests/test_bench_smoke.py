@@ -33,3 +33,13 @@ def test_minifaces_quality_runs_every_kind_of_method():
     # a word embedding < an E4T concept (encoder + offset factors) < a whole UNet
     assert 0 < rows["ti-2"]["concept_bytes"] < rows["e4t-1"]["concept_bytes"] < rows["dreambooth-2"]["concept_bytes"]
     assert all(rows[m]["tune_seconds"] > 0 for m in ("e4t-1", "ti-2", "dreambooth-2"))
+
+
+def test_minifaces_prompts_shows_the_shipped_base_obeys_background_words():
+    """The issue's "the base model must follow its prompts": every background colour, read back by the reader."""
+    rows = {row["what"]: row for row in run("minifaces_prompts.py", "--labels", "background,eyes", "--seeds", "1",
+                                            "--sampling-steps", "20", "--threads", "1")}
+    assert list(rows) == ["background", "eyes"]
+    assert rows["background"]["chance"] == 1 / 8 and rows["eyes"]["chance"] == 1 / 4
+    assert rows["background"]["obeyed"] >= 7 / 8
+    assert 0.0 <= rows["eyes"]["obeyed"] <= 1.0

@@ -2,6 +2,7 @@
 the reduced quality check (E4T-5 must beat no personalization on identity)."""
 
 import json
+import re
 import random
 import shutil
 
@@ -55,8 +56,34 @@ def test_captions_name_the_scene_never_the_identity():
         words = set(sample.caption.replace(",", " ").split())
         assert world.CLASS_WORD in words
         assert not words & (identity_words - scene_words), sample.caption
-        mentioned = words & set(world.BACKGROUNDS)
-        assert mentioned <= {sample.scene.background}
+        assert words & set(world.BACKGROUNDS) <= {sample.scene.background}
+
+
+def test_described_captions_name_a_few_true_attributes_never_a_whole_identity():
+    """The experiment's captions use appearance words for at most three attributes, each one the face's own."""
+    phrases = {
+        name: {world.ATTRIBUTE_PHRASES[name](value) for value in choices}
+        for name, choices in world.IDENTITY_CHOICES.items()
+    }
+    stream = world.samples(seed=4, describe_attributes=True)
+    described_counts = []
+    for _ in range(1000):
+        sample = next(stream)
+        words = set(sample.caption.replace(",", " ").split())
+        assert world.CLASS_WORD in words
+        assert set(re.findall(r"(\w+) background", sample.caption)) <= {sample.scene.background}
+        described = {name for name, options in phrases.items() if any(p in sample.caption for p in options)}
+        for name in described:  # every attribute it names is the face's own
+            assert world.ATTRIBUTE_PHRASES[name](getattr(sample.identity, name)) in sample.caption, sample.caption
+        assert len(described) <= world.MAX_DESCRIBED, sample.caption
+        described_counts.append(len(described))
+    assert 0.3 < described_counts.count(0) / len(described_counts) < 0.6
+    plain, described = world.samples(seed=4), world.samples(seed=4, describe_attributes=True)
+    for _ in range(50):  # the same images and scenes either way: only the words differ
+        a, b = next(plain), next(described)
+        assert (a.identity, a.scene) == (b.identity, b.scene)
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert max(described_counts) == world.MAX_DESCRIBED
 
 
 # --------------------------------------------------------------------------- the shipped models

@@ -53,6 +53,8 @@ class BuildSettings:
     domain_steps: int = 1000
     domain_images: int = 3000
     reader_steps: int = 1000
+    caption_attributes: bool = False
+    """Base-model captions sometimes name a few identity attributes (``world.samples(describe_attributes=...)``)."""
     threads: int = 0
     install_to: str = ""
     """Where ``install`` copies the weights (default: the package's ``weights`` folder)."""
@@ -123,6 +125,7 @@ def train_base(settings: BuildSettings) -> None:
     from e4tcli.clip_bpe import write_tokenizer_files
     from e4tcli.io.atomic import atomic_folder
     from e4tcli.tiny import write_model_index
+    from e4tcli.training.step import diffusion_target
 
     out = settings.work / "base"
     if out.exists():
@@ -139,7 +142,7 @@ def train_base(settings: BuildSettings) -> None:
     optimizer = torch.optim.AdamW(trained, lr=settings.base_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, settings.base_steps))
     noise_scheduler = DDPMScheduler.from_config(models.new_scheduler().config)
-    samples = world.samples(settings.seed + 3)
+    samples = world.samples(settings.seed + 3, describe_attributes=settings.caption_attributes)
     rng = random.Random(settings.seed)
     started = time.perf_counter()
     running = None
@@ -153,7 +156,8 @@ def train_base(settings: BuildSettings) -> None:
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         states = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=states).sample, noise)
+        target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+        loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=states).sample, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -348,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(".cache/minifaces-build"))
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of: " + ", ".join(STAGES))
     for name, value in vars(BuildSettings(Path("."))).items():
-        if name != "work":
+        if name == "work":
+            continue
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+        else:
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]

@@ -328,3 +328,58 @@ def evaluate(w: World, methods: list[str], settings: EvalSettings, on_images=Non
 def chance_identity_score() -> float:
     """What a random identity scores against the reference: the mean of 1/choices over attributes."""
     return float(np.mean([1 / len(choices) for choices in world.IDENTITY_CHOICES.values()]))
+
+
+# --------------------------------------------------------------------------- does the base model obey its prompts?
+OBEDIENCE_BACKGROUND = "blue"
+POSITION_WORDS = {"left": "on the left", "center": "in the center", "right": "on the right"}
+
+
+@dataclass
+class Obedience:
+    what: str
+    obeyed: float
+    """Share of images whose reader label is the prompted value."""
+    chance: float
+
+
+def obedience_prompts() -> dict[str, list[tuple[str, int]]]:
+    """Per reader label: (prompt, the label value it asks for). Identity attributes use the words of
+    ``world.ATTRIBUTE_PHRASES``, which only a base model trained with ``describe_attributes`` has seen."""
+    prompts = {
+        "background": [(f"a {world.CLASS_WORD} on a {b} background", i) for i, b in enumerate(world.BACKGROUNDS)],
+        "position": [
+            (f"a {world.CLASS_WORD} on a {OBEDIENCE_BACKGROUND} background, {POSITION_WORDS[p]}", i)
+            for i, p in enumerate(world.POSITIONS)
+        ],
+    }
+    for name, choices in world.IDENTITY_CHOICES.items():
+        prompts[name] = [
+            (f"a {world.CLASS_WORD} with {world.ATTRIBUTE_PHRASES[name](value)} on a {OBEDIENCE_BACKGROUND} background", i)
+            for i, value in enumerate(choices)
+        ]
+    return prompts
+
+
+def prompt_obedience(base, reader, settings: EvalSettings, labels: Optional[list[str]] = None) -> list[Obedience]:
+    """How often the plain base model draws what a prompt asks, per reader label.
+
+    Every value of a label is drawn with the same seeds, so a model that ignores
+    the word draws nearly the same faces for each value and scores about chance."""
+    pipe = plain_pipeline(base)
+    size = base.unet.config.sample_size
+    shape = (base.unet.config.in_channels, size, size)
+    results = []
+    for name, asked in obedience_prompts().items():
+        if labels is not None and name not in labels:
+            continue
+        prompts = [prompt for prompt, _ in asked for _ in range(settings.seeds_per_prompt)]
+        wanted = np.array([value for _, value in asked for _ in range(settings.seeds_per_prompt)])
+        read = read_images(reader, sample_plain(pipe, prompts, settings, shape))
+        if name == "hair_colour":  # a bald face shows no hair colour: count only faces with hair
+            shown = read["hair"] != world.HAIR_STYLES.index("bald")
+            obeyed = float(np.mean(read[name][shown] == wanted[shown])) if shown.any() else 0.0
+        else:
+            obeyed = float(np.mean(read[name] == wanted))
+        results.append(Obedience(name, obeyed, 1 / len(asked)))
+    return results

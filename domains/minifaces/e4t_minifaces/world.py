@@ -4,7 +4,12 @@ An *identity* is a combination of seven attributes (head shape, skin colour,
 eye colour, eye spacing, mouth, hair style, hair colour): 8,640 identities.
 A *scene* is what prompts control: the background colour and the horizontal
 position. Captions describe the scene and the coarse class ("face"), never the
-identity, as a real base model does not know your cat.
+identity, as a real base model does not know your cat. With
+``describe_attributes`` (an experiment; the shipped base model was trained
+without it), some captions also name one to three of the seven attributes ("a
+face with blue eyes and spiky hair"), never enough to pin down an identity:
+closer to Stable Diffusion, which has words for appearance but has never been
+told who anyone is.
 
 Identities are split by their index: every 7th is held out (never drawn for
 training the base model or the domain), so the benchmark personalizes faces
@@ -136,17 +141,40 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(SCENE_CHOICES["background"]), rng.choice(SCENE_CHOICES["position"]))
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """A caption naming the class and (usually) the scene, in a few phrasings."""
+ATTRIBUTE_PHRASES = {
+    "head": lambda value: f"{value} head",
+    "skin": lambda value: f"{value} skin",
+    "eyes": lambda value: f"{value} eyes",
+    "spacing": lambda value: f"{value}-set eyes",
+    "mouth": lambda value: {"smile": "a smile", "flat": "a flat mouth", "open": "an open mouth"}[value],
+    "hair": lambda value: "no hair" if value == "bald" else f"{value} hair",
+    "hair_colour": lambda value: f"{value} hair",
+}
+MAX_DESCRIBED = 3
+"""A caption names at most this many of an identity's seven attributes."""
+DESCRIBED_COUNT_WEIGHTS = (4, 2, 2, 2)
+"""How often a caption names 0, 1, 2 or 3 attributes."""
+
+
+def describe(identity: Identity, rng: random.Random) -> str:
+    """None to MAX_DESCRIBED randomly chosen visible attributes as words: "blue eyes and spiky hair" (or "")."""
+    count = rng.choices(range(len(DESCRIBED_COUNT_WEIGHTS)), DESCRIBED_COUNT_WEIGHTS)[0]
+    names = rng.sample(identity.visible(), min(count, MAX_DESCRIBED))
+    return " and ".join(ATTRIBUTE_PHRASES[name](getattr(identity, name)) for name in names)
+
+
+def caption(scene: Scene, rng: random.Random, description: str = "") -> str:
+    """A caption naming the class, (usually) the scene and, when given, a description of the face."""
     background, position = scene.background, scene.position
     where = {"left": "on the left", "center": "in the center", "right": "on the right"}[position]
     article = "an" if background[0] in "aeiou" else "a"
+    subject = f"{CLASS_WORD} with {description}" if description else CLASS_WORD
     choices = [
-        f"a {CLASS_WORD} on {article} {background} background",
-        f"a {CLASS_WORD} on {article} {background} background, {where}",
-        f"a photo of a {CLASS_WORD} {where}, {background} background",
-        f"a {CLASS_WORD} {where}",
-        f"a photo of a {CLASS_WORD}",
+        f"a {subject} on {article} {background} background",
+        f"a {subject} on {article} {background} background, {where}",
+        f"a photo of a {subject} {where}, {background} background",
+        f"a {subject} {where}",
+        f"a photo of a {subject}",
     ]
     weights = [4, 4, 2, 1, 1]
     return rng.choices(choices, weights)[0]
@@ -212,13 +240,16 @@ class Sample:
     scene: Scene
 
 
-def samples(seed: int, held_out: bool = False) -> Iterator[Sample]:
+def samples(seed: int, held_out: bool = False, describe_attributes: bool = False) -> Iterator[Sample]:
     """An endless, seeded stream of captioned images of random identities in random scenes."""
     rng = random.Random(seed)
+    words = random.Random(f"describe:{seed}")  # its own stream: the images are the same either way
     while True:
         identity = random_identity(rng, held_out)
         scene = random_scene(rng)
-        yield Sample(render(identity, scene, jitter=rng.randrange(1, 2**31)), caption(scene, rng), identity, scene)
+        image = render(identity, scene, jitter=rng.randrange(1, 2**31))
+        description = describe(identity, words) if describe_attributes else ""
+        yield Sample(image, caption(scene, rng, description), identity, scene)
 
 
 def image_array(images: list[Image.Image]) -> np.ndarray:
