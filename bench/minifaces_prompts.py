@@ -42,9 +42,12 @@ def main(argv=None) -> int:
     reader, _ = load_reader(args.reader or WEIGHTS / "reader.safetensors")
     settings = EvalSettings(seeds_per_prompt=args.seeds, sampling_steps=args.sampling_steps)
     labels = args.labels.split(",") if args.labels else None
-    rows = prompt_obedience(base, reader, settings, labels)
+    try:
+        rows = prompt_obedience(base, reader, settings, labels)
+    except ValueError as error:
+        parser.error(str(error))
     if args.json:
-        print(json.dumps([vars(r) for r in rows]))
+        print(json.dumps({"rows": [vars(r) for r in rows]}))
     else:
         title = f"{args.seeds} images per prompted value, DDIM {args.sampling_steps} steps, guidance {settings.guidance}"
         print_table([vars(r) for r in rows], title=title)

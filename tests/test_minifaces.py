@@ -2,8 +2,8 @@
 the reduced quality check (E4T-5 must beat no personalization on identity)."""
 
 import json
-import re
 import random
+import re
 import shutil
 
 import numpy as np

@@ -347,7 +347,10 @@ def obedience_prompts() -> dict[str, list[tuple[str, int]]]:
     """Per reader label: (prompt, the label value it asks for). Identity attributes use the words of
     ``world.ATTRIBUTE_PHRASES``, which only a base model trained with ``describe_attributes`` has seen."""
     prompts = {
-        "background": [(f"a {world.CLASS_WORD} on a {b} background", i) for i, b in enumerate(world.BACKGROUNDS)],
+        "background": [
+            (f"a {world.CLASS_WORD} on {'an' if b[0] in 'aeiou' else 'a'} {b} background", i)
+            for i, b in enumerate(world.BACKGROUNDS)
+        ],
         "position": [
             (f"a {world.CLASS_WORD} on a {OBEDIENCE_BACKGROUND} background, {POSITION_WORDS[p]}", i)
             for i, p in enumerate(world.POSITIONS)
@@ -369,8 +372,12 @@ def prompt_obedience(base, reader, settings: EvalSettings, labels: Optional[list
     pipe = plain_pipeline(base)
     size = base.unet.config.sample_size
     shape = (base.unet.config.in_channels, size, size)
+    asked_by_label = obedience_prompts()
+    unknown = sorted(set(labels or ()) - set(asked_by_label))
+    if unknown:
+        raise ValueError(f"unknown label(s) {unknown}; choose from {list(asked_by_label)}")
     results = []
-    for name, asked in obedience_prompts().items():
+    for name, asked in asked_by_label.items():
         if labels is not None and name not in labels:
             continue
         prompts = [prompt for prompt, _ in asked for _ in range(settings.seeds_per_prompt)]
@@ -378,7 +385,7 @@ def prompt_obedience(base, reader, settings: EvalSettings, labels: Optional[list
         read = read_images(reader, sample_plain(pipe, prompts, settings, shape))
         if name == "hair_colour":  # a bald face shows no hair colour: count only faces with hair
             shown = read["hair"] != world.HAIR_STYLES.index("bald")
-            obeyed = float(np.mean(read[name][shown] == wanted[shown])) if shown.any() else 0.0
+            obeyed = float(np.mean(read[name][shown] == wanted[shown])) if shown.any() else float("nan")
         else:
             obeyed = float(np.mean(read[name] == wanted))
         results.append(Obedience(name, obeyed, 1 / len(asked)))
