@@ -348,7 +348,7 @@ def obedience_prompts() -> dict[str, list[tuple[str, int]]]:
     ``world.ATTRIBUTE_PHRASES``, which only a base model trained with ``describe_attributes`` has seen."""
     prompts = {
         "background": [
-            (f"a {world.CLASS_WORD} on {'an' if b[0] in 'aeiou' else 'a'} {b} background", i)
+            (f"a {world.CLASS_WORD} on {world.article(b)} {b} background", i)
             for i, b in enumerate(world.BACKGROUNDS)
         ],
         "position": [

@@ -163,15 +163,18 @@ def describe(identity: Identity, rng: random.Random) -> str:
     return " and ".join(ATTRIBUTE_PHRASES[name](getattr(identity, name)) for name in names)
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def caption(scene: Scene, rng: random.Random, description: str = "") -> str:
     """A caption naming the class, (usually) the scene and, when given, a description of the face."""
     background, position = scene.background, scene.position
     where = {"left": "on the left", "center": "in the center", "right": "on the right"}[position]
-    article = "an" if background[0] in "aeiou" else "a"
     subject = f"{CLASS_WORD} with {description}" if description else CLASS_WORD
     choices = [
-        f"a {subject} on {article} {background} background",
-        f"a {subject} on {article} {background} background, {where}",
+        f"a {subject} on {article(background)} {background} background",
+        f"a {subject} on {article(background)} {background} background, {where}",
         f"a photo of a {subject} {where}, {background} background",
         f"a {subject} {where}",
         f"a photo of a {subject}",
