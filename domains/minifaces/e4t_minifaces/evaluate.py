@@ -332,7 +332,6 @@ def chance_identity_score() -> float:
 
 # --------------------------------------------------------------------------- does the base model obey its prompts?
 OBEDIENCE_BACKGROUND = "blue"
-POSITION_WORDS = {"left": "on the left", "center": "in the center", "right": "on the right"}
 
 
 @dataclass
@@ -352,7 +351,7 @@ def obedience_prompts() -> dict[str, list[tuple[str, int]]]:
             for i, b in enumerate(world.BACKGROUNDS)
         ],
         "position": [
-            (f"a {world.CLASS_WORD} on a {OBEDIENCE_BACKGROUND} background, {POSITION_WORDS[p]}", i)
+            (f"a {world.CLASS_WORD} on a {OBEDIENCE_BACKGROUND} background, {world.POSITION_WORDS[p]}", i)
             for i, p in enumerate(world.POSITIONS)
         ],
     }

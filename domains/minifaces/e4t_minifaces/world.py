@@ -64,6 +64,7 @@ BACKGROUNDS = {
     "pink": (250, 150, 200),
 }
 POSITIONS = {"left": -6, "center": 0, "right": 6}
+POSITION_WORDS = {"left": "on the left", "center": "in the center", "right": "on the right"}
 
 IDENTITY_CHOICES = {
     "head": HEAD_SHAPES,
@@ -150,16 +151,16 @@ ATTRIBUTE_PHRASES = {
     "hair": lambda value: "no hair" if value == "bald" else f"{value} hair",
     "hair_colour": lambda value: f"{value} hair",
 }
-MAX_DESCRIBED = 3
-"""A caption names at most this many of an identity's seven attributes."""
 DESCRIBED_COUNT_WEIGHTS = (4, 2, 2, 2)
 """How often a caption names 0, 1, 2 or 3 attributes."""
+MAX_DESCRIBED = len(DESCRIBED_COUNT_WEIGHTS) - 1
+"""A caption names at most this many of an identity's seven attributes."""
 
 
 def describe(identity: Identity, rng: random.Random) -> str:
     """None to MAX_DESCRIBED randomly chosen visible attributes as words: "blue eyes and spiky hair" (or "")."""
     count = rng.choices(range(len(DESCRIBED_COUNT_WEIGHTS)), DESCRIBED_COUNT_WEIGHTS)[0]
-    names = rng.sample(identity.visible(), min(count, MAX_DESCRIBED))
+    names = rng.sample(identity.visible(), count)
     return " and ".join(ATTRIBUTE_PHRASES[name](getattr(identity, name)) for name in names)
 
 
@@ -170,7 +171,7 @@ def article(word: str) -> str:
 def caption(scene: Scene, rng: random.Random, description: str = "") -> str:
     """A caption naming the class, (usually) the scene and, when given, a description of the face."""
     background, position = scene.background, scene.position
-    where = {"left": "on the left", "center": "in the center", "right": "on the right"}[position]
+    where = POSITION_WORDS[position]
     subject = f"{CLASS_WORD} with {description}" if description else CLASS_WORD
     choices = [
         f"a {subject} on {article(background)} {background} background",
