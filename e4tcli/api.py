@@ -31,8 +31,10 @@ class PretrainOptions:
     learning_rate: Optional[float] = None
     resolution: Optional[int] = None
     seed: int = 0
-    offsets: str = "paper"
-    offset_rank: int = 4
+    offsets: Optional[str] = None
+    """Weight-offset kind, rank and layers; each defaults to the domain's ``offsets``."""
+    offset_rank: Optional[int] = None
+    offset_layers: Optional[str] = None
     encoder_hidden_dim: int = 768
     encoder_scale: float = 0.1
     """s in ``S* = emb(class word) + s * offset``."""
@@ -118,7 +120,11 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         hidden_dim=options.encoder_hidden_dim,
         scale=options.encoder_scale,
     )
-    offset_config = OffsetConfig(kind=options.offsets, rank=options.offset_rank)
+    offset_config = OffsetConfig(
+        kind=options.offsets or domain.offsets.kind,
+        rank=options.offset_rank or domain.offsets.rank,
+        layers=options.offset_layers or domain.offsets.layers,
+    )
     torch.manual_seed(options.seed)
     model = E4TModel(base, domain.class_word, encoder_config, offset_config, placement)
     if options.gradient_checkpointing:

@@ -19,6 +19,23 @@ class PhaseDefaults:
     """Weight of ``||offset||^2``, the encoder-output regulariser."""
 
 
+OFFSET_KINDS = ("paper", "lowrank")
+OFFSET_LAYERS = ("attention", "attention+resnets")
+
+
+@dataclass(frozen=True)
+class OffsetDefaults:
+    """The weight offsets a domain pre-trains (``e4t pretrain --offsets/--offset-rank/--offset-layers``)."""
+
+    kind: str = "paper"
+    """"paper" (E4T's construction, rank 1 per layer) or "lowrank" (``dW = U V^T``)."""
+    rank: int = 4
+    """Rank of "lowrank" offsets."""
+    layers: str = "attention"
+    """"attention" (q, k, v of every attention layer, as in the paper) or "attention+resnets"
+    (also the ResNet convolutions, for a base model whose attention carries little of a subject)."""
+
+
 @dataclass(frozen=True)
 class Domain:
     """A family of concepts (faces, cats, art styles...) e4t can personalize.
@@ -50,6 +67,7 @@ class Domain:
     """``preprocess(PIL image) -> PIL image`` applied to the user's image before tuning."""
     loss_mask: Optional[Callable[[Any], Any]] = None
     """``loss_mask(PIL image) -> PIL "L" image`` weighting the loss (e.g. the face region)."""
+    offsets: OffsetDefaults = field(default_factory=OffsetDefaults)
     checkpoint: Optional[str] = None
     """Where the pre-trained domain checkpoint lives (hub id or folder), if published."""
     extra: dict = field(default_factory=dict)
@@ -60,7 +78,7 @@ class Domain:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, PhaseDefaults):
+            if isinstance(value, (PhaseDefaults, OffsetDefaults)):
                 value = {g.name: getattr(value, g.name) for g in fields(value)}
             elif callable(value):
                 value = f"{value.__module__}.{getattr(value, '__qualname__', repr(value))}"
@@ -139,6 +157,16 @@ def validate_domain(domain: Any) -> list[str]:
             value = getattr(phase, f.name)
             if not isinstance(value, (int, float)) or value < 0 or (value == 0 and f.name != "lambda_emb"):
                 problems.append(f"{phase_name}.{f.name} must be a positive number, got {value!r}")
+    offsets = domain.offsets
+    if not isinstance(offsets, OffsetDefaults):
+        problems.append("'offsets' must be an OffsetDefaults")
+    else:
+        if offsets.kind not in OFFSET_KINDS:
+            problems.append(f"offsets.kind must be one of {', '.join(OFFSET_KINDS)}, got {offsets.kind!r}")
+        if offsets.layers not in OFFSET_LAYERS:
+            problems.append(f"offsets.layers must be one of {', '.join(OFFSET_LAYERS)}, got {offsets.layers!r}")
+        if not isinstance(offsets.rank, int) or offsets.rank < 1:
+            problems.append(f"offsets.rank must be a positive integer, got {offsets.rank!r}")
     if not isinstance(domain.lambda_weights, (int, float)) or domain.lambda_weights < 0:
         problems.append(f"lambda_weights must be a non-negative number, got {domain.lambda_weights!r}")
     if not callable(domain.dataset):

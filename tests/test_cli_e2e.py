@@ -198,11 +198,19 @@ def test_encoder_runs_at_every_denoising_step_on_the_current_latent(world, monke
     assert not torch.equal(calls[0][2], calls[-1][2]), "so S* changes from step to step"
 
 
-def test_lowrank_offsets_end_to_end(tiny_sd, tiny_backbone, photo_folder, tmp_path):
+def test_unknown_offset_layers_is_a_usage_error(photo_folder, tmp_path):
+    result = runner.invoke(app, ["pretrain", "--domain", "cats", "--data", str(photo_folder), "--out", str(tmp_path / "r"),
+                                 "--offset-layers", "everything"])
+    assert result.exit_code == 2
+    assert "--offset-layers 'everything'" in result.output and "attention+resnets" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_lowrank_offsets_on_attention_and_resnets_end_to_end(tiny_sd, tiny_backbone, photo_folder, tmp_path):
     checkpoint = tmp_path / "lowrank"
     result = runner.invoke(app, [
         "pretrain", "--domain", "cats", "--data", str(photo_folder), "--out", str(checkpoint), "--offsets", "lowrank",
-        "--offset-rank", "2", "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "1",
+        "--offset-rank", "2", "--offset-layers", "attention+resnets", "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "1",
         "--batch-size", "2", "--resolution", "64", "--encoder-hidden-dim", "32", "--json",
     ])
     assert result.exit_code == 0, result.output
@@ -215,7 +223,9 @@ def test_lowrank_offsets_end_to_end(tiny_sd, tiny_backbone, photo_folder, tmp_pa
 
     loaded = load_concept(concept)
     assert loaded.info["offsets"]["kind"] == "lowrank" and loaded.info["tuning"]["lambda_emb"] == 0.5
+    assert loaded.info["offsets"]["layers"] == "attention+resnets"
     column = next(v for k, v in loaded.tensors.items() if k.endswith(".column"))
     assert column.shape[1] == 2
+    assert any(k.endswith("resnets.0.conv1.column") for k in loaded.tensors)
     generated = runner.invoke(app, ["generate", str(concept), "S*", "--steps", "2", "--out", str(tmp_path / "o")])
     assert generated.exit_code == 0, generated.output

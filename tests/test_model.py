@@ -7,17 +7,18 @@ from e4tcli.device import choose_placement
 from e4tcli.models.e4t import E4TModel, unet_channels
 from e4tcli.models.encoder import EncoderConfig
 from e4tcli.models.loading import load_base_model
-from e4tcli.models.weight_offsets import OffsetConfig, OffsetLinear
+from e4tcli.models.weight_offsets import OffsetConfig, OffsetConv2d, OffsetLinear
 from e4tcli.training.step import Batch, training_step
 
 
-def build(tiny_sd, kind="paper"):
+def build(tiny_sd, kind="paper", layers="attention", fixed_offsets=None):
     base = load_base_model(str(tiny_sd))
     config = EncoderConfig(
         backbone_hidden_size=32, backbone_layers=(2, 4), unet_channels=unet_channels(base.unet),
         embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1], hidden_dim=48,
     )
-    return E4TModel(base, "cat", config, OffsetConfig(kind=kind, rank=2), choose_placement("cpu"))
+    offsets = OffsetConfig(kind=kind, rank=2, layers=layers)
+    return E4TModel(base, "cat", config, offsets, choose_placement("cpu"), fixed_offsets=fixed_offsets)
 
 
 def unet_inputs(seed=0, batch=2):
@@ -61,6 +62,35 @@ def test_offset_is_elementwise_modulation_of_the_weight(tiny_sd):
     assert torch.allclose(layer.squared_norm(), (delta**2).sum(), rtol=1e-4)
     column, row = layer.offset.factors()
     assert column.shape == (layer.base_layer.out_features, 1) and row.shape == (layer.base_layer.in_features, 1)
+
+
+def test_resnet_offsets_modulate_each_convolution_channel_pair_and_survive_a_concept_round_trip(tiny_sd):
+    latents, t, states = unet_inputs()
+    base = load_base_model(str(tiny_sd))
+    with torch.no_grad():
+        expected = base.unet(latents, t, encoder_hidden_states=states).sample
+    model = build(tiny_sd, layers="attention+resnets")
+    convs = {name: layer for name, layer in model.offsets.items() if isinstance(layer, OffsetConv2d)}
+    resnets = [m for m in model.unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert len(convs) == 2 * len(resnets) > 0 and len(model.offsets) - len(convs) == 3 * 14
+    with torch.no_grad():
+        assert torch.equal(model.unet(latents, t, encoder_hidden_states=states).sample, expected)
+        for layer in model.offsets.values():
+            layer.offset.row_map.weight.normal_(std=0.05)
+        tuned = model.unet(latents, t, encoder_hidden_states=states).sample
+    assert not torch.allclose(tuned, expected)
+
+    name, layer = next(iter(convs.items()))
+    conv = layer.base_layer
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    delta = layer.delta()
+    weight = conv.weight * (1 + delta[:, :, None, None])
+    assert torch.allclose(layer(x), torch.nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding), atol=1e-5)
+
+    generation = build(tiny_sd, layers="attention+resnets", fixed_offsets=model.concept_state_dict())
+    assert f"offsets.{name}.column" in model.concept_state_dict()
+    with torch.no_grad():
+        assert torch.equal(generation.unet(latents, t, encoder_hidden_states=states).sample, tuned)
 
 
 def test_fresh_encoder_gives_exactly_the_class_word_embedding(tiny_sd):

@@ -161,6 +161,7 @@ def test_domain_defaults_are_plain_data():
     assert defaults["tune"] == {"steps": 1, "learning_rate": 1e-4, "batch_size": 1, "resolution": 64, "lambda_emb": 0.1}
     assert defaults["prompt_templates"] == ["S*"]
     assert defaults["dataset"] == "builtins.len"
+    assert defaults["offsets"] == {"kind": "paper", "rank": 4, "layers": "attention"}
 
 
 def test_prompt_template_fields():
@@ -186,6 +187,23 @@ def test_bad_template_fields_are_rejected(templates, problem):
 
     art = load_registry().get("art").domain
     problems = validate_domain(replace(art, prompt_templates=templates))
+    assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize("offsets, problem", [
+    (dict(kind="dense"), "offsets.kind must be one of paper, lowrank"),
+    (dict(layers="everything"), "offsets.layers must be one of attention, attention+resnets"),
+    (dict(kind="lowrank", rank=0), "offsets.rank must be a positive integer"),
+])
+def test_bad_offset_defaults_are_rejected(offsets, problem):
+    from dataclasses import replace
+
+    from e4tcli import OffsetDefaults
+    from e4tcli.domain import validate_domain
+
+    cats = load_registry().get("cats").domain
+    assert validate_domain(cats) == []
+    problems = validate_domain(replace(cats, offsets=OffsetDefaults(**offsets)))
     assert any(problem in p for p in problems), problems
 
 

@@ -156,3 +156,20 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_checkpoint, phot
         concepts.append(load_concept(out).tensors)
     plain, checkpointed = concepts
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_pretraining_takes_the_domains_offsets_unless_flags_override(tiny_sd, tiny_backbone, photo_folder, cats_domain, tmp_path):
+    from dataclasses import replace
+
+    from e4tcli import OffsetDefaults
+
+    domain = replace(cats_domain, offsets=OffsetDefaults(kind="lowrank", rank=3, layers="attention+resnets"))
+    common = dict(data=str(photo_folder), base_model=str(tiny_sd), backbone=str(tiny_backbone), steps=1, batch_size=2,
+                  resolution=64, encoder_hidden_dim=32)
+    from_domain = load_checkpoint(api.pretrain(api.PretrainOptions(out=str(tmp_path / "a"), **common), domain).checkpoint)
+    assert from_domain.config["offsets"] == {"kind": "lowrank", "constant_dim": 64, "rank": 3, "layers": "attention+resnets"}
+    assert any(".resnets.0.conv1." in k for k in from_domain.tensors)
+    overridden = api.PretrainOptions(out=str(tmp_path / "b"), offsets="paper", offset_layers="attention", **common)
+    from_flags = load_checkpoint(api.pretrain(overridden, domain).checkpoint)
+    assert from_flags.config["offsets"]["kind"] == "paper" and from_flags.config["offsets"]["layers"] == "attention"
+    assert not any("resnets" in k for k in from_flags.tensors)

@@ -10,6 +10,7 @@ import typer
 from e4tcli.cli.options import BaseModelOption, DeviceOption, JsonFlag, LambdaEmbOption, LambdaWeightsOption
 from e4tcli.cli.completion import complete_domain
 from e4tcli.cli.output import print_json, registry, reports_errors, step_progress, stdout_console, warn
+from e4tcli.domain import OFFSET_KINDS, OFFSET_LAYERS
 from e4tcli.errors import UsageError
 
 
@@ -50,8 +51,12 @@ def pretrain(
     lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Learning rate (default: the domain's).")] = None,
     resolution: Annotated[Optional[int], typer.Option("--resolution", min=8, help="Training resolution.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).")] = None,
-    offsets: Annotated[Optional[str], typer.Option("--offsets", help="'paper' (E4T, default) or 'lowrank'.")] = None,
+    offsets: Annotated[Optional[str], typer.Option("--offsets", help="'paper' (E4T) or 'lowrank' (default: the domain's).")] = None,
     offset_rank: Annotated[Optional[int], typer.Option("--offset-rank", min=1, help="Rank of 'lowrank' offsets.")] = None,
+    offset_layers: Annotated[
+        Optional[str],
+        typer.Option("--offset-layers", help="'attention' (q, k, v; the paper) or 'attention+resnets' (default: the domain's)."),
+    ] = None,
     encoder_hidden_dim: Annotated[
         Optional[int], typer.Option("--encoder-hidden-dim", min=1, help="Width of the encoder head (default 768).")
     ] = None,
@@ -104,7 +109,7 @@ def pretrain(
     flags = dict(
         domain=domain, data=str(data) if data else None, out=str(out) if out else None, base_model=base_model,
         backbone=backbone, steps=steps, batch_size=batch_size, learning_rate=lr, resolution=resolution, seed=seed,
-        offsets=offsets, offset_rank=offset_rank, encoder_hidden_dim=encoder_hidden_dim, encoder_scale=encoder_scale,
+        offsets=offsets, offset_rank=offset_rank, offset_layers=offset_layers, encoder_hidden_dim=encoder_hidden_dim, encoder_scale=encoder_scale,
         gradient_accumulation=gradient_accumulation, checkpoint_every=checkpoint_every, keep_last=keep_last,
         resume=resume, validate_every=validate_every, optimizer=optimizer, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing, workers=workers, cache_features=cache_features,
@@ -115,8 +120,10 @@ def pretrain(
     for required, flag in (("domain", "--domain"), ("data", "--data"), ("out", "--out")):
         if not settings.get(required):
             raise UsageError(f"missing {flag}", hint=f"pass {flag}, or set '{required}:' in the --config recipe")
-    if settings.get("offsets", "paper") not in ("paper", "lowrank"):
-        raise UsageError(f"unknown --offsets '{settings['offsets']}'", hint="use 'paper' or 'lowrank'")
+    if settings.get("offsets") not in (None, *OFFSET_KINDS):
+        raise UsageError(f"unknown --offsets '{settings['offsets']}'", hint="use " + " or ".join(OFFSET_KINDS))
+    if settings.get("offset_layers") not in (None, *OFFSET_LAYERS):
+        raise UsageError(f"unknown --offset-layers '{settings['offset_layers']}'", hint="use " + " or ".join(OFFSET_LAYERS))
     entry = registry().get(settings.pop("domain"))
     options = api.PretrainOptions(**settings)
     total = options.steps or entry.domain.pretrain.steps

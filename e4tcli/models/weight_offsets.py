@@ -4,6 +4,12 @@ Each q, k and v projection of every self- and cross-attention layer is
 wrapped, the way peft wraps layers: the wrapper keeps ``base_layer`` frozen
 and untouched and adds the offset at forward time.
 
+``layers="attention+resnets"`` also wraps the two 3x3 convolutions of every
+ResNet block, with ``dW`` (out x in channels) shared by the kernel's taps. The
+paper offsets attention only, which suits Stable Diffusion, where attention
+carries much of what makes a subject itself; in a small UNet with little
+attention (the miniature world's) the convolutions carry it.
+
 Two parameterisations of ``dW`` (out x in) are offered:
 
 ``paper`` (default) follows E4T: learned constants ``c`` go through two linear
@@ -30,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from e4tcli.domain import OFFSET_KINDS, OFFSET_LAYERS
+
 TARGETS = ("to_q", "to_k", "to_v")
+RESNET_TARGETS = ("conv1", "conv2")
 
 
 @dataclass
@@ -41,10 +50,14 @@ class OffsetConfig:
     """Length of the learned constant vector (paper kind)."""
     rank: int = 4
     """Rank of dW (lowrank kind)."""
+    layers: str = "attention"
+    """Which layers get offsets: "attention" (q, k, v; the paper) or "attention+resnets" (also the ResNet convolutions)."""
 
     def __post_init__(self):
-        if self.kind not in ("paper", "lowrank"):
-            raise ValueError(f"unknown weight-offset kind '{self.kind}'; use 'paper' or 'lowrank'")
+        if self.kind not in OFFSET_KINDS:
+            raise ValueError(f"unknown weight-offset kind '{self.kind}'; use one of: {', '.join(OFFSET_KINDS)}")
+        if self.layers not in OFFSET_LAYERS:
+            raise ValueError(f"unknown weight-offset layers '{self.layers}'; use one of: {', '.join(OFFSET_LAYERS)}")
 
 
 class PaperOffset(nn.Module):
@@ -93,9 +106,14 @@ class FixedOffset(nn.Module):
         if key not in self._merged:
             self._merged.clear()
             with torch.no_grad():
-                full = weight.to(self.column.dtype)
-                self._merged[key] = (full + full * (self.column @ self.row.T)).to(dtype)
+                self._merged[key] = modulate(weight.to(self.column.dtype), self.column @ self.row.T).to(dtype)
         return self._merged[key]
+
+
+def modulate(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``W * (1 + dW)``; a convolution's ``dW`` (out x in) applies to every tap of its kernel."""
+    delta = delta.reshape(delta.shape + (1,) * (weight.dim() - delta.dim()))
+    return weight + weight * delta
 
 
 def make_offset(config: OffsetConfig, out_features: int, in_features: int) -> nn.Module:
@@ -132,43 +150,63 @@ class OffsetLinear(nn.Module):
         exactly as the base weights' own rounding does; training keeps dW in fp32.
         """
         bias = self.base_layer.bias
+        return self.apply_weight(x, self.modulated_weight(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def modulated_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(self.offset, FixedOffset) and self.shared is None:
-            modulated = self.offset.merged_weight(self.base_layer.weight, x.dtype)
-            return F.linear(x, modulated, None if bias is None else bias.to(x.dtype))
+            return self.offset.merged_weight(self.base_layer.weight, dtype)
         delta = self.delta()
-        weight = self.base_layer.weight.to(delta.dtype)
-        modulated = (weight + weight * delta).to(x.dtype)
-        return F.linear(x, modulated, None if bias is None else bias.to(x.dtype))
+        return modulate(self.base_layer.weight.to(delta.dtype), delta).to(dtype)
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+
+class OffsetConv2d(OffsetLinear):
+    """A frozen ``nn.Conv2d`` (groups 1) whose weight is modulated channel-pair-wise by ``1 + dW``."""
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        conv = self.base_layer
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _offset_targets(unet: nn.Module, layers: str) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(module name, module, attribute)`` of every layer that gets an offset."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, Attention):
+            yield from ((name, module, target) for target in TARGETS)
+        elif layers == "attention+resnets" and isinstance(module, ResnetBlock2D):
+            yield from ((name, module, target) for target in RESNET_TARGETS)
 
 
 def add_weight_offsets(
     unet: nn.Module, config: OffsetConfig, fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 ) -> dict[str, OffsetLinear]:
-    """Wrap q, k, v of every attention layer of ``unet`` in place; return the wrappers by name.
+    """Wrap the layers ``config.layers`` names (q, k, v of every attention layer, ...) in place; return the wrappers by name.
 
     With ``fixed`` (layer name -> stored factors), offsets are built from the
     factors of a concept file instead of as trainable parameters.
     """
-    from diffusers.models.attention_processor import Attention
-
     wrapped = {}
-    for name, module in list(unet.named_modules()):
-        if not isinstance(module, Attention):
-            continue
-        for target in TARGETS:
-            base = getattr(module, target)
-            if isinstance(base, OffsetLinear):
-                base = base.base_layer
-            key = f"{name}.{target}"
-            if fixed is None:
-                offset = make_offset(config, base.out_features, base.in_features)
-            elif key in fixed:
-                offset = FixedOffset(*fixed[key])
-            else:
-                raise KeyError(key)
-            layer = OffsetLinear(base, offset.to(base.weight.device))
-            setattr(module, target, layer)
-            wrapped[key] = layer
+    for name, module, target in _offset_targets(unet, config.layers):
+        base = getattr(module, target)
+        if isinstance(base, OffsetLinear):
+            base = base.base_layer
+        key = f"{name}.{target}"
+        if fixed is None:
+            out_features, in_features = base.weight.shape[:2]
+            offset = make_offset(config, out_features, in_features)
+        elif key in fixed:
+            offset = FixedOffset(*fixed[key])
+        else:
+            raise KeyError(key)
+        wrapper = OffsetConv2d if isinstance(base, nn.Conv2d) else OffsetLinear
+        layer = wrapper(base, offset.to(base.weight.device))
+        setattr(module, target, layer)
+        wrapped[key] = layer
     if not wrapped:
         raise ValueError("the UNet has no attention layers to put weight offsets on")
     return wrapped

@@ -9,7 +9,7 @@ identities the models never saw.
 
 from pathlib import Path
 
-from e4tcli import Domain, PhaseDefaults, hookimpl
+from e4tcli import Domain, OffsetDefaults, PhaseDefaults, hookimpl
 from e4tcli.datasets import any_images
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -30,9 +30,12 @@ def minifaces_domain() -> Domain:
         base_model=str(WEIGHTS / "base"),
         backbone=str(WEIGHTS / "backbone"),
         checkpoint=str(WEIGHTS / "checkpoint"),
-        pretrain=PhaseDefaults(steps=1000, learning_rate=1e-4, batch_size=16, resolution=32, lambda_emb=0.01),
-        tune=PhaseDefaults(steps=5, learning_rate=1e-4, batch_size=16, resolution=32, lambda_emb=0.01),
+        pretrain=PhaseDefaults(steps=1000, learning_rate=1e-3, batch_size=16, resolution=32, lambda_emb=0.01),
+        tune=PhaseDefaults(steps=5, learning_rate=1e-2, batch_size=16, resolution=32, lambda_emb=0.01),
         lambda_weights=1e-4,
+        # This small UNet draws a face mostly with its convolutions (attention only at 8x8 and 4x4),
+        # so the offsets also cover the ResNet convolutions, at full rank (README, "Does it work?").
+        offsets=OffsetDefaults(kind="lowrank", rank=96, layers="attention+resnets"),
         dataset=any_images,
         extra={"encoder_hidden_dim": 256, "examples": str(EXAMPLES)},
     )
