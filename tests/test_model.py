@@ -86,6 +86,10 @@ def test_resnet_offsets_modulate_each_convolution_channel_pair_and_survive_a_con
     delta = layer.delta()
     weight = conv.weight * (1 + delta[:, :, None, None])
     assert torch.allclose(layer(x), torch.nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding), atol=1e-5)
+    conv.padding_mode = "reflect"  # the wrapper honours the wrapped layer's own padding
+    reflected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), weight, conv.bias)
+    assert torch.allclose(layer(x), reflected, atol=1e-5)
+    conv.padding_mode = "zeros"
 
     generation = build(tiny_sd, layers="attention+resnets", fixed_offsets=model.concept_state_dict())
     assert f"offsets.{name}.column" in model.concept_state_dict()

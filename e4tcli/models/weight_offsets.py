@@ -163,11 +163,10 @@ class OffsetLinear(nn.Module):
 
 
 class OffsetConv2d(OffsetLinear):
-    """A frozen ``nn.Conv2d`` (groups 1) whose weight is modulated channel-pair-wise by ``1 + dW``."""
+    """A frozen ``nn.Conv2d`` whose weight is modulated channel-pair-wise by ``1 + dW``."""
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        conv = self.base_layer
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return self.base_layer._conv_forward(x, weight, bias)  # the layer's own stride, padding (and mode), groups
 
 
 def _offset_targets(unet: nn.Module, layers: str) -> Iterator[tuple[str, nn.Module, str]]:
