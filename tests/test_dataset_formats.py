@@ -287,15 +287,47 @@ def test_art_prompts_use_the_wikiart_style_name(wikiart_root):
     """Pre-training fills "{style}" from each painting's metadata; images without it get a plain template."""
     from e4tcli.datasets import ImageFolder
     from e4tcli.plugins import load_registry
-    from e4tcli.training.pretrain import PlannedSample, sample_prompt
+    from e4tcli.training.pretrain import sample_prompt
 
     art = load_registry().get("art").domain
     styled = [t for t in art.prompt_templates if "{style}" in t]
     assert styled, "the art domain has a template using the style name"
     data = WikiArt(wikiart_root)
-    prompts = {data.metadata(i)["path"]: sample_prompt(PlannedSample(i, False, styled[0], 0), data, "plain S*")
-               for i in range(len(data))}
+    prompts = {data.metadata(i)["path"]: sample_prompt(styled[0], data.metadata(i), "plain S*") for i in range(len(data))}
     assert prompts["Ukiyo_e/katsushika-hokusai_the-great-wave.jpg"] == styled[0].format(style="Ukiyo e")
     assert prompts["Baroque/rembrandt_self-portrait.jpg"] == styled[0].format(style="Baroque")
     plain_folder = ImageFolder(wikiart_root / "Baroque")
-    assert sample_prompt(PlannedSample(0, False, styled[0], 0), plain_folder, "plain S*") == "plain S*"
+    assert not hasattr(plain_folder, "metadata")
+    assert sample_prompt(styled[0], None, "plain S*") == "plain S*"
+
+
+def test_a_substituted_painting_is_prompted_with_its_own_style(wikiart_root, tmp_path):
+    """An unreadable painting is replaced by the next readable one, in workers and in the
+    feature cache alike; the prompt's {style} must then be the replacement's, not the planned one's."""
+    import torch
+
+    from e4tcli.training.data import FeatureCache, MicroBatches
+    from e4tcli.training.pretrain import PlannedSample, sample_prompt
+
+    whole = (wikiart_root / "Baroque" / "rembrandt_self-portrait.jpg").read_bytes()
+    (wikiart_root / "Baroque" / "rembrandt_zz-truncated.jpg").write_bytes(whole[: len(whole) // 3])
+    data = WikiArt(wikiart_root)
+    broken = next(i for i, path in enumerate(data.paths) if path.name == "rembrandt_zz-truncated.jpg")
+    replacement = data.metadata(broken + 1)
+    assert data.metadata(broken)["style"] == "Baroque" != replacement["style"]
+
+    def plan(step):
+        return [PlannedSample(broken, False, "{style} S*", 0), PlannedSample(broken - 1, True, "{style} S*", 1)]
+
+    images, found, metadata = MicroBatches(data, plan, 1, 1, 1, 1, 0, 2, 16, with_metadata=True)[0]
+    assert images.shape == (2, 16, 16, 3)
+    assert [m["path"] for m in metadata] == [replacement["path"], data.metadata(broken - 1)["path"]]
+    assert [p.name for p in found] == ["rembrandt_zz-truncated.jpg"]
+    assert sample_prompt("a {style} painting of S*", metadata[0], "S*") == f"a {replacement['style']} painting of S*"
+
+    cache = FeatureCache(tmp_path / "cache")
+    cache.build({"test": 1}, data, len(data), lambda arrays: tuple(torch.zeros(len(arrays), 1) for _ in range(3)), 16,
+                with_metadata=True)
+    for flip in (False, True):
+        assert cache.lookup(broken, flip)[3]["path"] == replacement["path"]
+        assert cache.lookup(broken - 1, flip)[3]["path"] == data.metadata(broken - 1)["path"]

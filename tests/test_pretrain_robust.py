@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,23 @@ def test_resumed_run_repeats_the_uninterrupted_one_exactly(base_args, tmp_path):
     optimizer_a = load_file(str(straight / "checkpoint-0000004" / "optimizer.safetensors"))
     optimizer_b = load_file(str(split / "checkpoint-0000004" / "optimizer.safetensors"))
     assert all(torch.equal(optimizer_a[k], optimizer_b[k]) for k in optimizer_a)
+
+
+def test_8bit_adam_checkpoints_and_resumes_exactly(base_args, tmp_path):
+    """bitsandbytes keeps its 8-bit state in nested dicts; they survive the safetensors checkpoint."""
+    pytest.importorskip("bitsandbytes")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*base_args, "--optimizer", "adamw8bit", "--lr", "1e-3"]
+    for run, extra in ((straight, ["--steps", "3"]), (split, ["--steps", "2"])):
+        result = pretrain([*args, "--out", str(run), *extra])
+        assert result.exit_code == 0, result.output
+    result = pretrain([*args, "--out", str(split), "--steps", "3", "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    assert losses(split) == losses(straight)
+    a, b = weights(straight / "checkpoint-0000003"), weights(split / "checkpoint-0000003")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = load_file(str(split / "checkpoint-0000003" / "optimizer.safetensors"))
+    assert any(t.dtype == torch.uint8 for t in state.values()), "no 8-bit optimizer state was saved"
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(base_args, tmp_path):
@@ -160,6 +178,42 @@ def test_two_processes_match_one_process(base_args, tmp_path):
     difference = max((a[k] - b[k]).abs().max().item() for k in a)
     assert difference < 1e-6, difference  # summation order differs across processes; seen: ~1.5e-8
     assert losses(one) == pytest.approx(losses(two), rel=1e-5)
+
+
+def test_fsdp_sharded_run_saves_resumes_and_matches_one_process(base_args, tmp_path):
+    """FSDP2 over gloo: checkpoints hold the full weights, a resumed sharded run continues
+    exactly, and the result matches one unsharded process (EMA and validation included)."""
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    common = [*base_args, "--batch-size", "4", "--ema-decay", "0.5", "--validate-every", "2", "--json"]
+    assert pretrain([*common, "--out", str(one), "--steps", "2"]).exit_code == 0
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(Path(__file__).with_name("fsdp_pretrain.py")), "pretrain", *common, "--out", str(sharded)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["--steps", "1"], ["--steps", "2", "--resume", "latest"]):
+        finished = subprocess.run([*launch, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    final_one, final_sharded = one / "checkpoint-0000002", sharded / "checkpoint-0000002"
+    assert json.loads((final_sharded / "config.json").read_text())["training"]["processes"] == 2
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(str(final_one / name)), load_file(str(final_sharded / name))
+        assert a.keys() == b.keys()
+        difference = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert difference < 1e-6, (name, difference)
+    assert losses(one) == pytest.approx(losses(sharded), rel=1e-5)
+    assert (sharded / "validation" / "step-0000002.png").is_file()
+
+
+def test_deepspeed_is_refused_with_a_clear_message():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from e4tcli.errors import UsageError
+    from e4tcli.training.sharding import refuse_unsupported
+
+    refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    with pytest.raises(UsageError, match="DeepSpeed"):
+        refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
 
 
 def test_workers_cache_and_ema(base_args, tmp_path):

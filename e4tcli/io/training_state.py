@@ -10,8 +10,9 @@ names the newest checkpoint. No pickle anywhere.
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from e4tcli.errors import UsageError
 from e4tcli.io.atomic import atomic_file
@@ -22,27 +23,52 @@ LATEST_NAME = "latest"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _flatten(prefix: str, value, tensors: dict, scalars: dict) -> None:
+    """Tensors under ``prefix`` into ``tensors``, everything else into ``scalars``; nested dicts
+    (bitsandbytes keeps its 8-bit state in one) become ``prefix/key`` paths."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}/{key}", item, tensors, scalars)
+    elif hasattr(value, "shape"):
+        tensors[prefix] = value.detach().cpu().clone().contiguous()  # bitsandbytes shares its quantile maps
+    else:
+        scalars[prefix] = value
+
+
+def _unflatten(paths: dict) -> dict:
+    tree: dict = {}
+    for path, value in paths.items():
+        *folders, leaf = path.split("/")
+        node = tree
+        for folder in folders:
+            node = node.setdefault(folder, {})
+        node[leaf] = value
+    return tree
+
+
 def optimizer_to_safetensors(state: dict) -> tuple[dict, dict]:
+    """An optimizer state dict as safetensors tensors plus JSON metadata.
+
+    Parameters are keyed by position in ``keys``: integers for a plain
+    ``optimizer.state_dict()``, parameter names for a gathered sharded one.
+    """
+    keys = list(state["state"])
     tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if hasattr(value, "shape"):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    for position, key in enumerate(keys):
+        _flatten(f"state/{position}", state["state"][key], tensors, scalars)
+    return tensors, {"keys": keys, "param_groups": state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_safetensors(tensors: dict, metadata: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    for name, value in metadata["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": metadata["param_groups"]}
-
+    if "keys" not in metadata:  # the first layout: "state.<index>.<key>" tensors, "<index>.<key>" scalars
+        tensors = {"state/" + name.removeprefix("state.").replace(".", "/", 1): t for name, t in tensors.items()}
+        scalars = {"state/" + name.replace(".", "/", 1): v for name, v in metadata["scalars"].items()}
+        tree = _unflatten({**tensors, **scalars}).get("state", {})
+        return {"state": {int(i): values for i, values in tree.items()}, "param_groups": metadata["param_groups"]}
+    tree = _unflatten({**tensors, **metadata["scalars"]}).get("state", {})
+    keys = metadata["keys"]
+    return {"state": {keys[int(position)]: values for position, values in tree.items()},
+            "param_groups": metadata["param_groups"]}
 
 
 def save_training_checkpoint(
@@ -85,8 +111,19 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
     return run_dir / pointer.read_text().strip()
 
 
-def load_training_state(folder: Path, model, optimizer, expected: dict, scaler=None) -> tuple[int, Optional[dict]]:
-    """Restore model, optimizer (and fp16 loss scaler) from ``folder``; return its step and EMA weights (if any)."""
+@dataclass
+class TrainingState:
+    """What a checkpoint holds to resume: full tensors, whatever wrapper saved them."""
+
+    step: int
+    tensors: dict
+    optimizer: dict
+    ema: Optional[dict]
+    scaler: Optional[dict]
+
+
+def read_training_state(folder: Path, expected: dict) -> TrainingState:
+    """Read ``folder`` after checking it was written by a run like this one (domain, models, options)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -100,14 +137,13 @@ def load_training_state(folder: Path, model, optimizer, expected: dict, scaler=N
     optimizer_path = Path(folder) / OPTIMIZER_NAME
     if not optimizer_path.is_file():
         raise UsageError(f"{folder} has no optimizer state", hint="resume from a checkpoint written during pre-training")
-    model.load_trainable_state_dict(checkpoint.tensors)
     with safe_open(str(optimizer_path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["e4t"])
-    optimizer.load_state_dict(optimizer_from_safetensors(load_file(str(optimizer_path)), metadata))
-    if scaler is not None and metadata.get("scaler"):
-        scaler.load_state_dict(metadata["scaler"])
     ema_path = checkpoint.folder / EMA_NAME
-    ema = load_file(str(ema_path)) if ema_path.is_file() else None
-    return int(checkpoint.config["step"]), ema
-
-
+    return TrainingState(
+        step=int(checkpoint.config["step"]),
+        tensors=checkpoint.tensors,
+        optimizer=optimizer_from_safetensors(load_file(str(optimizer_path)), metadata),
+        ema=load_file(str(ema_path)) if ema_path.is_file() else None,
+        scaler=metadata.get("scaler"),
+    )

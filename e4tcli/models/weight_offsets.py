@@ -221,13 +221,23 @@ def shared_factors(layers: dict[str, OffsetLinear]) -> Iterator[None]:
     backward pass: gradient checkpointing re-runs the forward there and must
     see the same operations.
     """
-    for layer in layers.values():
-        layer.shared = layer.offset.factors()
+    share_factors(layers)
     try:
         yield
     finally:
-        for layer in layers.values():
-            layer.shared = None
+        unshare_factors(layers)
+
+
+def share_factors(layers: dict[str, OffsetLinear]) -> None:
+    """The first half of ``shared_factors``: for a wrapper (FSDP) that holds the whole
+    parameters only inside its forward, call this there and ``unshare_factors`` after backward."""
+    for layer in layers.values():
+        layer.shared = layer.offset.factors()
+
+
+def unshare_factors(layers: dict[str, OffsetLinear]) -> None:
+    for layer in layers.values():
+        layer.shared = None
 
 
 def offset_parameters(layers: dict[str, OffsetLinear]) -> Iterator[nn.Parameter]:

@@ -20,22 +20,37 @@ from e4tcli.training.images import latent_distribution, square_resize
 CHUNK = 256
 
 
-def decode(dataset, index: int, resolution: int, preprocess: Optional[Callable] = None) -> np.ndarray:
-    """One dataset image as an (H, W, 3) uint8 array at ``resolution``."""
-    image = dataset[index]
+def read(dataset, index: int, with_metadata: bool = False) -> tuple:
+    """``(image, metadata or None)``, the metadata of the record actually read.
+
+    A dataset replaces an unreadable record by the next readable one, so the
+    prompt must be filled from that one's metadata, not the planned index's.
+    """
+    if not with_metadata:
+        return dataset[index], None
+    if hasattr(dataset, "sample"):
+        return dataset.sample(index)
+    return dataset[index], (dataset.metadata(index) if hasattr(dataset, "metadata") else None)
+
+
+def decode(dataset, index: int, resolution: int, preprocess: Optional[Callable] = None,
+           with_metadata: bool = False) -> tuple[np.ndarray, Optional[dict]]:
+    """One dataset image as an (H, W, 3) uint8 array at ``resolution``, and its metadata (see ``read``)."""
+    image, metadata = read(dataset, index, with_metadata)
     image = square_resize(preprocess(image) if preprocess else image, resolution)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8), metadata
 
 
 class MicroBatches(torch.utils.data.Dataset):
     """Item k is this process's k-th micro-batch from ``first_step`` on: (H, W, 3) uint8 images, flipped as planned."""
 
     def __init__(self, dataset, plan: Callable[[int], list], first_step: int, last_step: int, accumulation: int,
-                 world: int, rank: int, per_device: int, resolution: int, preprocess: Optional[Callable] = None):
+                 world: int, rank: int, per_device: int, resolution: int, preprocess: Optional[Callable] = None,
+                 with_metadata: bool = False):
         self.dataset, self.plan, self.first_step = dataset, plan, first_step
         self.count = max(0, last_step - first_step + 1) * accumulation
         self.accumulation, self.world, self.rank, self.per_device = accumulation, world, rank, per_device
-        self.resolution, self.preprocess = resolution, preprocess
+        self.resolution, self.preprocess, self.with_metadata = resolution, preprocess, with_metadata
 
     def __len__(self) -> int:
         return self.count
@@ -45,20 +60,21 @@ class MicroBatches(torch.utils.data.Dataset):
         first = (micro * self.world + self.rank) * self.per_device
         return self.plan(step)[first : first + self.per_device]
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, list]:
-        """The micro-batch, and the files found unreadable while decoding it.
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, list, list]:
+        """The micro-batch, the files found unreadable while decoding it, and each image's metadata.
 
         In a worker process the dataset is a copy, so what it learns about bad
         files must travel back with the batch to be counted.
         """
         skipped = getattr(self.dataset, "skipped", None)
         known = len(skipped) if skipped is not None else 0
-        arrays = []
+        arrays, metadata = [], []
         for sample in self.samples(item):
-            array = decode(self.dataset, sample.index, self.resolution, self.preprocess)
+            array, record = decode(self.dataset, sample.index, self.resolution, self.preprocess, self.with_metadata)
             arrays.append(array[:, ::-1] if sample.flip else array)
+            metadata.append(record)
         found = list(skipped[known:]) if skipped is not None else []
-        return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))), found
+        return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))), found, metadata
 
 
 def merge_skipped(dataset, found: list) -> None:
@@ -103,8 +119,11 @@ class FeatureCache:
         return info.is_file() and json.loads(info.read_text()) == key
 
     def build(self, key: dict, dataset, count: int, encode: Callable[[list], tuple], resolution: int,
-              preprocess: Optional[Callable] = None, rank: int = 0, world: int = 1) -> None:
+              preprocess: Optional[Callable] = None, rank: int = 0, world: int = 1, with_metadata: bool = False) -> None:
         """``encode(list of uint8 arrays) -> (mean, std, features)``; chunk k is written by rank k % world.
+
+        With ``with_metadata`` each chunk also keeps the metadata of the records
+        actually read (see ``read``), for the prompts.
 
         Chunks are written atomically and tagged with ``key``, so an interrupted
         build resumes where it stopped; ``finish`` (rank 0) marks the cache complete.
@@ -123,12 +142,14 @@ class FeatureCache:
                     if (handle.metadata() or {}).get("key") == tag:
                         continue
             first = number * CHUNK
-            arrays = [decode(dataset, i, resolution, preprocess) for i in range(first, min(first + CHUNK, count))]
-            both = [a for array in arrays for a in (array, np.ascontiguousarray(array[:, ::-1]))]
+            decoded = [decode(dataset, i, resolution, preprocess, with_metadata) for i in range(first, min(first + CHUNK, count))]
+            both = [a for array, _ in decoded for a in (array, np.ascontiguousarray(array[:, ::-1]))]
             mean, std, features = encode(both)
             tensors = {"mean": mean, "std": std, "features": features}
+            records = json.dumps([record for _, record in decoded])
             with atomic_file(path) as tmp:
-                save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": tag})
+                save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                          metadata={"key": tag, "records": records})
 
     def finish(self, key: dict) -> None:
         from e4tcli.io.atomic import atomic_file
@@ -136,14 +157,16 @@ class FeatureCache:
         with atomic_file(self.folder / "cache.json") as tmp:
             tmp.write_text(json.dumps(key))
 
-    def lookup(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One image's row, read alone (the chunk files are memory-mapped, not loaded whole)."""
+    def lookup(self, index: int, flip: bool) -> tuple:
+        """One image's (mean, std, features, metadata), read alone (the chunk files are memory-mapped, not loaded whole)."""
         from safetensors import safe_open
 
         number, offset = divmod(index, CHUNK)
         row = 2 * offset + int(flip)
         with safe_open(str(self.folder / f"chunk-{number:05d}.safetensors"), framework="pt") as handle:
-            return tuple(handle.get_slice(name)[row : row + 1][0] for name in ("mean", "std", "features"))
+            tensors = tuple(handle.get_slice(name)[row : row + 1][0] for name in ("mean", "std", "features"))
+            records = json.loads((handle.metadata() or {}).get("records", "null")) or [None] * CHUNK
+        return (*tensors, records[offset])
 
 
 def encode_arrays(model, backbone, arrays: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,9 +1,9 @@
 """Pre-training a domain: underfit many concepts, each training image its own concept.
 
 Runs on HuggingFace accelerate: one process by default, many GPUs or nodes
-under ``accelerate launch`` (DDP, DeepSpeed or FSDP from its config). Only
-the encoder and the weight offsets are wrapped for distribution; the frozen
-base model is never replicated into the optimizer.
+under ``accelerate launch`` (DDP or FSDP from its config; see ``sharding``).
+Only the encoder and the weight offsets are wrapped for distribution; the
+frozen base model is never replicated into the optimizer.
 
 Reproducibility is by construction, not by saved RNG state: the global batch
 of step ``s`` (which images, flips, prompts) is drawn from ``seed`` and ``s``,
@@ -28,12 +28,15 @@ from torch import nn
 
 from e4tcli.domain import PLACEHOLDER, fill_template, plain_templates, template_fields
 from e4tcli.errors import E4TError, RuntimeFailure, UsageError
-from e4tcli.io.training_state import load_training_state, prune_checkpoints, save_training_checkpoint
+from e4tcli.io.training_state import prune_checkpoints, read_training_state, save_training_checkpoint
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import Backbone, backbone_features
-from e4tcli.models.weight_offsets import shared_factors
+from e4tcli.models.weight_offsets import share_factors, unshare_factors
 from e4tcli.training.data import FeatureCache, MicroBatches, encode_arrays, loader, merge_skipped
 from e4tcli.training.images import square_resize
+from e4tcli.training.sharding import (
+    full_tensor, gather_full_state, load_full_state, refuse_unsupported, shard_like, whole_parameters,
+)
 from e4tcli.training.step import Batch, StepLosses, training_step
 from e4tcli.training.tune import TuneSettings
 
@@ -83,12 +86,11 @@ def plan_step(step: int, settings: PretrainSettings, indices: Sequence[int], tem
     ]
 
 
-def sample_prompt(sample: PlannedSample, dataset, fallback: str) -> str:
-    """The sample's template with the image's metadata filled in, or ``fallback`` when it lacks a field."""
-    if not template_fields(sample.template):
-        return sample.template
-    metadata = dataset.metadata(sample.index) if hasattr(dataset, "metadata") else None
-    return fill_template(sample.template, metadata) or fallback
+def sample_prompt(template: str, metadata: Optional[dict], fallback: str) -> str:
+    """``template`` with the image's metadata filled in, or ``fallback`` when it lacks a field."""
+    if not template_fields(template):
+        return template
+    return fill_template(template, metadata) or fallback
 
 
 def make_batch(model: E4TModel, mean, std, features, samples: list[PlannedSample], noise_scheduler,
@@ -123,11 +125,33 @@ class TrainableParts(nn.Module):
         super().__init__()
         self.encoder = model.encoder
         self.offsets = nn.ModuleList(layer.offset for layer in model.offsets.values())
+        self.offset_names = list(model.offsets)
         object.__setattr__(self, "model", model)
 
     def forward(self, batch: Batch, noise_scheduler, lambda_emb: float, lambda_weights: float):
+        """The step's loss; the caller runs ``unshare_factors(model.offsets)`` after the backward pass."""
+        share_factors(self.model.offsets)
         losses = training_step(self.model, batch, noise_scheduler, lambda_emb, lambda_weights)
         return losses.total, torch.stack([losses.total, losses.denoising, losses.embedding, losses.weights]).detach()
+
+    def checkpoint_names(self, state: dict) -> dict:
+        """This module's names ("offsets.3.row") -> the domain checkpoint's ("offsets.<layer path>.row")."""
+        renamed = {}
+        for key, value in state.items():
+            if key.startswith("offsets."):
+                _, index, rest = key.split(".", 2)
+                key = f"offsets.{self.offset_names[int(index)]}.{rest}"
+            renamed[key] = value
+        return renamed
+
+    def part_names(self, state: dict) -> dict:
+        """The inverse of ``checkpoint_names``."""
+        prefixes = {f"offsets.{name}.": f"offsets.{index}." for index, name in enumerate(self.offset_names)}
+        renamed = {}
+        for key, value in state.items():
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            renamed[prefixes[prefix] + key.removeprefix(prefix) if prefix else key] = value
+        return renamed
 
 
 def make_optimizer(parameters, settings: PretrainSettings):
@@ -237,6 +261,7 @@ def pretrain_domain(
     on_step: Optional[Callable[[int, object], None]] = None,
 ) -> tuple[list[dict], Path]:
     """Train the encoder and the shared offsets; return each step's losses and the last checkpoint."""
+    refuse_unsupported(accelerator)
     world = accelerator.num_processes
     per_device, remainder = divmod(settings.batch_size, world * settings.gradient_accumulation)
     if remainder or per_device == 0:
@@ -250,13 +275,19 @@ def pretrain_domain(
     train_indices = list(range(len(dataset) - len(held_out))) or list(range(len(dataset)))
 
     torch.manual_seed(settings.seed)
-    parts = TrainableParts(model)
-    optimizer = make_optimizer(parts.parameters(), settings)
-    parts, optimizer = accelerator.prepare(parts, optimizer)
+    trainable = TrainableParts(model)
+    optimizer = make_optimizer(trainable.parameters(), settings)
+    parts, optimizer = accelerator.prepare(trainable, optimizer)
     start, ema = 0, None
-    if resume is not None:
-        start, ema = load_training_state(resume, model, optimizer, checkpoint_config, accelerator.scaler)
     parameters = model.named_trainable_parameters()
+    if resume is not None:
+        state = read_training_state(resume, checkpoint_config)
+        load_full_state(parts, optimizer, trainable.part_names(state.tensors), state.optimizer)
+        if accelerator.scaler is not None and state.scaler:
+            accelerator.scaler.load_state_dict(state.scaler)
+        start = state.step
+        if state.ema is not None:
+            ema = {name: shard_like(state.ema[name], parameters[name]) for name in parameters}
     if settings.ema_decay and ema is None:
         ema = {name: p.detach().float().clone() for name, p in parameters.items()}
     if ema is not None:
@@ -268,24 +299,29 @@ def pretrain_domain(
 
     def save(step: int) -> Path:
         folder = run_dir / f"checkpoint-{step:07d}"
+        model_state, optimizer_state = gather_full_state(parts, optimizer)
+        whole_ema = {name: full_tensor(value).cpu() for name, value in ema.items()} if ema is not None else None
         if main:
             config = {**checkpoint_config, "step": step}
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-            save_training_checkpoint(folder, config, model.trainable_state_dict(), optimizer.state_dict(), ema, scaler)
+            tensors = {key: value.detach().clone() for key, value in trainable.checkpoint_names(model_state).items()}
+            save_training_checkpoint(folder, config, tensors, optimizer_state, whole_ema, scaler)
             prune_checkpoints(run_dir, settings.keep_last)
         accelerator.wait_for_everyone()
         return folder
 
     plan = functools.partial(plan_step, settings=settings, indices=train_indices, templates=prompt_templates)
     plain = plain_templates(prompt_templates)
+    with_metadata = any(template_fields(template) for template in prompt_templates)
     cache = None
     if settings.cache_features:
         cache = FeatureCache(run_dir / "cache")
         key = {"base": checkpoint_config["base_model"]["fingerprint"], "backbone": checkpoint_config["backbone"]["fingerprint"],
-               "resolution": settings.resolution, "images": len(dataset), "data": str(getattr(dataset, "root", ""))}
+               "resolution": settings.resolution, "images": len(dataset), "data": str(getattr(dataset, "root", "")),
+               "metadata": with_metadata}
         if not cache.matches(key):
             cache.build(key, dataset, len(dataset), lambda arrays: encode_arrays(model, backbone, arrays),
-                        settings.resolution, preprocess, rank, world)
+                        settings.resolution, preprocess, rank, world, with_metadata)
             accelerator.wait_for_everyone()
             if main:
                 cache.finish(key)
@@ -293,7 +329,7 @@ def pretrain_domain(
         micro_batches = None
     else:
         source = MicroBatches(dataset, plan, start + 1, settings.steps, settings.gradient_accumulation, world, rank,
-                              per_device, settings.resolution, preprocess)
+                              per_device, settings.resolution, preprocess, with_metadata)
         micro_batches = iter(loader(source, settings.workers, pin_memory=accelerator.device.type == "cuda"))
 
     try:
@@ -306,23 +342,26 @@ def pretrain_domain(
                     first = (micro * world + rank) * per_device
                     mine = step_plan[first : first + per_device]
                     if cache is not None:
-                        rows = [cache.lookup(sample.index, sample.flip) for sample in mine]
-                        mean, std, features = (torch.stack(column).to(accelerator.device) for column in zip(*rows))
+                        *columns, metadata = zip(*(cache.lookup(sample.index, sample.flip) for sample in mine))
+                        mean, std, features = (torch.stack(column).to(accelerator.device) for column in columns)
                     else:
-                        arrays, found_unreadable = next(micro_batches)
+                        arrays, found_unreadable, metadata = next(micro_batches)
                         merge_skipped(dataset, found_unreadable)
                         mean, std, features = encode_arrays(model, backbone, list(arrays.numpy()))
-                    prompts = [sample_prompt(sample, dataset, plain[0]) for sample in mine]
+                    prompts = [sample_prompt(sample.template, record, plain[0]) for sample, record in zip(mine, metadata)]
                     batch = make_batch(model, mean, std, features, mine, noise_scheduler, prompts)
-                    with accelerator.accumulate(parts), shared_factors(model.offsets):
-                        total, parts_losses = parts(batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights)
-                        if not math.isfinite(float(accelerator.reduce(parts_losses[0], "sum"))):
-                            raise RuntimeFailure(
-                                f"the loss became non-finite at step {step}; "
-                                f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint saved yet)'}",
-                                hint="lower --lr, use --precision bf16 or fp32, and --resume from that checkpoint",
-                            )
-                        accelerator.backward(total)
+                    with accelerator.accumulate(parts):
+                        try:
+                            total, parts_losses = parts(batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights)
+                            if not math.isfinite(float(accelerator.reduce(parts_losses[0], "sum"))):
+                                raise RuntimeFailure(
+                                    f"the loss became non-finite at step {step}; "
+                                    f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint saved yet)'}",
+                                    hint="lower --lr, use --precision bf16 or fp32, and --resume from that checkpoint",
+                                )
+                            accelerator.backward(total)
+                        finally:
+                            unshare_factors(model.offsets)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     step_losses.append(parts_losses)
@@ -347,11 +386,14 @@ def pretrain_domain(
                 periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
                 if periodic or step == settings.steps or stopping:
                     last_checkpoint = save(step)
-                if settings.validate_every and step % settings.validate_every == 0 and main and held_out:
-                    save_validation_grid(
-                        model, backbone, dataset, held_out, settings, plain,
-                        run_dir / "validation" / f"step-{step:07d}.png", preprocess,
-                    )
+                if settings.validate_every and step % settings.validate_every == 0 and held_out:
+                    with whole_parameters(parts):
+                        if main:
+                            save_validation_grid(
+                                model, backbone, dataset, held_out, settings, plain,
+                                run_dir / "validation" / f"step-{step:07d}.png", preprocess,
+                            )
+                    accelerator.wait_for_everyone()
                 if stopping:
                     raise Interrupted(
                         f"stopped by {stop.signal_name or 'a signal'} after step {step}; "

@@ -1,0 +1,44 @@
+"""``e4t pretrain`` with the trained parts sharded by FSDP2 over gloo, on CPU.
+
+accelerate turns FSDP on only for GPUs, so this does by hand what its FSDP2
+plugin does there: ``fully_shard`` the module handed to ``prepare`` and point
+the optimizer at the sharded parameters. Everything else is the real command.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_pretrain.py pretrain ...
+"""
+
+import sys
+
+import e4tcli.api as api
+
+
+class ShardingAccelerator:
+    def __init__(self, accelerator):
+        self._accelerator = accelerator
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+    def prepare(self, module, optimizer):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+
+        fully_shard(module, mesh=init_device_mesh("cpu", (self._accelerator.num_processes,)))
+        optimizer.param_groups[0]["params"] = list(module.parameters())
+        assert all(isinstance(p, DTensor) for p in module.parameters())
+        return module, optimizer
+
+
+def sharding_accelerator(*args, **kwargs):
+    accelerator, placement = unsharded_accelerator(*args, **kwargs)
+    return ShardingAccelerator(accelerator), placement
+
+
+unsharded_accelerator = api.make_accelerator
+api.make_accelerator = sharding_accelerator
+
+if __name__ == "__main__":
+    from e4tcli.cli.app import app
+
+    sys.exit(app(sys.argv[1:], prog_name="e4t"))
