@@ -149,7 +149,7 @@ class TrainableParts(nn.Module):
         prefixes = {f"offsets.{name}.": f"offsets.{index}." for index, name in enumerate(self.offset_names)}
         renamed = {}
         for key, value in state.items():
-            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            prefix = max((p for p in prefixes if key.startswith(p)), key=len, default=None)
             renamed[prefixes[prefix] + key.removeprefix(prefix) if prefix else key] = value
         return renamed
 
