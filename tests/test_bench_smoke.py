@@ -23,6 +23,16 @@ def test_gpu_script_runs_on_cpu_at_tiny_size():
     assert all(row["note"] == "ok" and row["seconds"] > 0 for row in report["rows"])
 
 
+def test_pretrain_gpu_script_runs_on_cpu_at_tiny_size():
+    report = run("gpu_pretrain.py", "--size", "tiny", "--configs", "fp32:paper:-,fp32:lowrank:ckpt:cache",
+                 "--batch-size", "2", "--steps", "3", "--device", "cpu", "--threads", "1")
+    paper, lowrank = report["rows"]
+    assert paper["note"] == lowrank["note"] == "ok"
+    assert all(row["s_per_step"] > 0 and row["final_loss"] > 0 for row in (paper, lowrank))
+    # the paper's d x d offsets train (and store, with their AdamW state) more than rank-r factors
+    assert paper["trainable_m"] > lowrank["trainable_m"] and paper["checkpoint_mb"] > lowrank["checkpoint_mb"]
+
+
 def test_minifaces_quality_runs_every_kind_of_method():
     report = run("minifaces_quality.py", "--methods", "base,e4t-1,ti-2,dreambooth-2", "--identities", "1",
                  "--seeds-per-prompt", "1", "--sampling-steps", "4", "--threads", "1")

@@ -331,3 +331,32 @@ def test_a_substituted_painting_is_prompted_with_its_own_style(wikiart_root, tmp
     for flip in (False, True):
         assert cache.lookup(broken, flip)[3]["path"] == replacement["path"]
         assert cache.lookup(broken - 1, flip)[3]["path"] == data.metadata(broken - 1)["path"]
+
+
+def test_feature_cache_encodes_a_chunk_in_small_batches(photo_folder, tmp_path, monkeypatch):
+    """A chunk (256 images, both orientations) must not go through the VAE at once: at 512 px that
+    alone would need over 100 GB of GPU memory. Each cached row is still its own image's encoding."""
+    import torch
+
+    import e4tcli.training.data as data_module
+    from e4tcli.training.data import FeatureCache
+
+    monkeypatch.setattr(data_module, "ENCODE_BATCH", 3)
+    images = ImageFolder(photo_folder)
+    sizes = []
+
+    def encode(arrays):
+        sizes.append(len(arrays))
+        pixels = torch.from_numpy(np.stack(arrays)).float()
+        colour = pixels.mean(dim=(1, 2))
+        return colour, colour * 2, pixels[:, 0, :4, 0]  # the first row's start differs between the two flips
+
+    cache = FeatureCache(tmp_path / "cache")
+    cache.build({"test": 1}, images, len(images), encode, 16)
+    assert max(sizes) <= 3 and sum(sizes) == 2 * len(images)
+    for index in range(len(images)):
+        for flip in (False, True):
+            mean, std, features, _ = cache.lookup(index, flip)
+            array = data_module.decode(images, index, 16)[0]
+            alone = encode([np.ascontiguousarray(array[:, ::-1]) if flip else array])
+            assert torch.equal(mean, alone[0][0]) and torch.equal(std, alone[1][0]) and torch.equal(features, alone[2][0])

@@ -158,6 +158,11 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_checkpoint, phot
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
 
 
+def test_tuning_checkpoints_activations_by_default_only_on_cuda():
+    assert api.TuneOptions(image="x").gradient_checkpointing is None
+    assert api.checkpointing_by_default(torch.device("cuda")) and not api.checkpointing_by_default(torch.device("cpu"))
+
+
 def test_pretraining_takes_the_domains_offsets_unless_flags_override(tiny_sd, tiny_backbone, photo_folder, cats_domain, tmp_path):
     from dataclasses import replace
 

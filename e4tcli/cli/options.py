@@ -23,6 +23,11 @@ BaseModelOption = Annotated[
 CheckpointingFlag = Annotated[
     bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory while training.")
 ]
+TuneCheckpointingFlag = Annotated[
+    Optional[bool],
+    typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
+                 help="Trade compute for memory (default: on with CUDA, off elsewhere)."),
+]
 LambdaEmbOption = Annotated[
     Optional[float], typer.Option("--lambda-emb", min=0.0, help="Weight of ||offset||^2 (default: the domain's).")
 ]

@@ -7,7 +7,7 @@ import typer
 
 from e4tcli.cli.options import (
     BaseModelOption,
-    CheckpointingFlag,
+    TuneCheckpointingFlag,
     DeviceOption,
     DomainOption,
     JsonFlag,
@@ -39,7 +39,7 @@ def tune(
     base_model: BaseModelOption = None,
     device: DeviceOption = None,
     precision: PrecisionOption = "auto",
-    gradient_checkpointing: CheckpointingFlag = False,
+    gradient_checkpointing: TuneCheckpointingFlag = None,
     lambda_emb: LambdaEmbOption = None,
     lambda_weights: LambdaWeightsOption = None,
     json_output: JsonFlag = False,

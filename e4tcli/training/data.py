@@ -18,6 +18,9 @@ import torch
 from e4tcli.training.images import latent_distribution, square_resize
 
 CHUNK = 256
+ENCODE_BATCH = 16
+"""Images encoded at once while building the cache (as many as a batch-16 step encodes): a whole chunk
+(512 views at 512 px) through the VAE would need well over 100 GB of GPU memory."""
 
 
 def read(dataset, index: int, with_metadata: bool = False) -> tuple:
@@ -120,7 +123,8 @@ class FeatureCache:
 
     def build(self, key: dict, dataset, count: int, encode: Callable[[list], tuple], resolution: int,
               preprocess: Optional[Callable] = None, rank: int = 0, world: int = 1, with_metadata: bool = False) -> None:
-        """``encode(list of uint8 arrays) -> (mean, std, features)``; chunk k is written by rank k % world.
+        """``encode(list of uint8 arrays) -> (mean, std, features)``, called on at most ``ENCODE_BATCH``
+        images at a time; chunk k is written by rank k % world.
 
         With ``with_metadata`` each chunk also keeps the metadata of the records
         actually read (see ``read``), for the prompts.
@@ -144,11 +148,11 @@ class FeatureCache:
             first = number * CHUNK
             decoded = [decode(dataset, i, resolution, preprocess, with_metadata) for i in range(first, min(first + CHUNK, count))]
             both = [a for array, _ in decoded for a in (array, np.ascontiguousarray(array[:, ::-1]))]
-            mean, std, features = encode(both)
-            tensors = {"mean": mean, "std": std, "features": features}
+            parts = [encode(both[i : i + ENCODE_BATCH]) for i in range(0, len(both), ENCODE_BATCH)]
+            tensors = {name: torch.cat([part[k].cpu() for part in parts]) for k, name in enumerate(("mean", "std", "features"))}
             records = json.dumps([record for _, record in decoded])
             with atomic_file(path) as tmp:
-                save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                           metadata={"key": tag, "records": records})
 
     def finish(self, key: dict) -> None:

@@ -35,7 +35,8 @@ from e4tcli.models.weight_offsets import share_factors, unshare_factors
 from e4tcli.training.data import FeatureCache, MicroBatches, encode_arrays, loader, merge_skipped
 from e4tcli.training.images import square_resize
 from e4tcli.training.sharding import (
-    full_tensor, gather_full_state, load_full_state, refuse_unsupported, shard_like, whole_parameters,
+    full_tensor, gather_full_state, keep_trainable_weights_fp32, load_full_state, refuse_unsupported, shard_like,
+    whole_parameters,
 )
 from e4tcli.training.step import Batch, StepLosses, training_step
 from e4tcli.training.tune import TuneSettings
@@ -262,6 +263,7 @@ def pretrain_domain(
 ) -> tuple[list[dict], Path]:
     """Train the encoder and the shared offsets; return each step's losses and the last checkpoint."""
     refuse_unsupported(accelerator)
+    keep_trainable_weights_fp32(accelerator)
     world = accelerator.num_processes
     per_device, remainder = divmod(settings.batch_size, world * settings.gradient_accumulation)
     if remainder or per_device == 0:

@@ -31,6 +31,21 @@ def refuse_unsupported(accelerator) -> None:
         )
 
 
+def keep_trainable_weights_fp32(accelerator) -> None:
+    """Under FSDP, leave mixed precision to autocast, as without FSDP.
+
+    accelerate hands FSDP a policy that casts the sharded parameters to
+    fp16/bf16 for each forward pass. e4t's trained weights stay fp32 (they are
+    the master weights, the optimizer state and the checkpoint), the frozen
+    model is already stored in the low precision, and the encoder runs in fp32
+    on purpose, so the cast weights would meet fp32 inputs. Dropping the policy
+    before ``prepare`` keeps ``--precision`` meaning the same under FSDP.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        plugin.mixed_precision_policy = None
+
+
 def gather_full_state(parts: nn.Module, optimizer) -> tuple[dict, dict]:
     """Full model and optimizer state dicts (on CPU) on the main process, ``{}`` elsewhere. Collective.
 
