@@ -196,6 +196,117 @@ def test_truncated_shard_keeps_what_came_before(shard_folder):
     assert any("shards-002.tar" in s for s in shards.skipped)
 
 
+# ---------------------------------------------------------------- tar shards over HTTP
+
+
+class ShardServer:
+    """A local HTTP server for a folder, answering byte ranges as object stores do (or not, if told)."""
+
+    def __init__(self, folder, ranges=True):
+        import http.server
+        import threading
+
+        server = self
+        self.requests = []
+        self.ranges = ranges
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                path = folder / self.path.lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                wanted = self.headers.get("Range")
+                if server.ranges and wanted:
+                    first, last = (int(v) for v in wanted.removeprefix("bytes=").split("-"))
+                    last = min(last, len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+                    data = data[first : last + 1]
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", f'"{path.stat().st_mtime_ns}"')
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def shard_server(shard_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("E4T_CACHE", str(tmp_path / "cache"))
+    server = ShardServer(shard_folder)
+    yield server
+    server.close()
+
+
+def test_remote_shards_read_like_local_ones_and_their_index_is_cached(shard_server, shard_folder):
+    remote = TarShards(f"{shard_server.url}/shards-{{000..002}}.tar")
+    local = TarShards(shard_folder)
+    assert remote.keys == local.keys and len(remote) == 6
+    for i in range(len(local)):
+        assert np.array_equal(np.asarray(remote[i]), np.asarray(local[i]))
+        assert remote.metadata(i) == local.metadata(i)
+    assert remote.skipped == local.skipped == ["shards-001.tar:broken"]
+    assert all(wanted and wanted.startswith("bytes=") for _, wanted in shard_server.requests)  # never a whole file
+
+    shard_server.requests.clear()
+    again = TarShards(f"{shard_server.url}/shards-{{000..002}}.tar")
+    assert again.keys == remote.keys
+    assert sorted(wanted for _, wanted in shard_server.requests) == ["bytes=0-0"] * 3  # one size check per shard
+
+    (shard_folder / "shards-002.tar").write_bytes((shard_folder / "shards-000.tar").read_bytes())  # the shard changes
+    assert TarShards(f"{shard_server.url}/shards-{{000..002}}.tar").keys[-2:] == ["chelsea", "coffee"]
+
+
+def test_remote_shards_fail_clearly(shard_server, shard_folder):
+    with pytest.raises(UsageError, match=r"tar shard not found: .*shards-003.tar \(HTTP 404\)"):
+        TarShards(f"{shard_server.url}/shards-{{000..003}}.tar")
+    with pytest.raises(UsageError, match="only .tar shards"):
+        TarShards(f"{shard_server.url}/images/")
+    shard_server.ranges = False
+    with pytest.raises(UsageError, match="ignores Range requests"):
+        TarShards(f"{shard_server.url}/shards-000.tar")
+
+
+def test_a_server_that_goes_away_stops_the_run_instead_of_skipping_images(shard_server, monkeypatch):
+    import e4tcli.datasets.remote as remote
+    from e4tcli.errors import RuntimeFailure
+
+    monkeypatch.setattr(remote, "RETRIES", 1)
+    data = TarShards(f"{shard_server.url}/shards-{{000..002}}.tar")
+    shard_server.close()
+    with pytest.raises(RuntimeFailure, match="failed after 2 tries"):
+        data[0]
+    assert data.skipped == []
+
+    from e4tcli.training.data import MicroBatches, loader, next_micro_batch, stop_workers
+    from e4tcli.training.pretrain import PlannedSample
+
+    batches = MicroBatches(data, lambda step: [PlannedSample(0, False, "S*", 0)], 1, 1, 1, 1, 0, 1, 16)
+    iterator = iter(loader(batches, workers=1, pin_memory=False))
+    try:
+        with pytest.raises(RuntimeFailure) as raised:  # from a DataLoader worker: still the one-line error
+            next_micro_batch(iterator)
+    finally:
+        stop_workers(iterator)  # as pretrain_domain does: the worker ignores SIGTERM and would outlive the test
+    assert not any(worker.is_alive() for worker in iterator._workers)
+    assert "\n" not in str(raised.value) and "failed after 2 tries" in raised.value.message
+    assert raised.value.hint and "--resume latest" in raised.value.hint
+
+
 # ---------------------------------------------------------------- WikiArt
 
 

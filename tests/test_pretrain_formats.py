@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from e4tcli.cli import app
-from tests.test_dataset_formats import lmdb_folder, photos, shard_folder, wikiart_root  # noqa: F401 (fixtures)
+from tests.test_dataset_formats import lmdb_folder, photos, shard_folder, shard_server, wikiart_root  # noqa: F401 (fixtures)
 
 runner = CliRunner()
 
@@ -21,7 +21,7 @@ def ffhq_folder(tmp_path, photos):  # noqa: F811
 
 
 @pytest.mark.parametrize("domain, data", [
-    ("cats", "lmdb"), ("art", "wikiart"), ("faces", "ffhq"), ("cats", "shards"),
+    ("cats", "lmdb"), ("art", "wikiart"), ("faces", "ffhq"), ("cats", "shards"), ("cats", "remote shards"),
 ])
 def test_pretrain_runs_on_each_dataset_format(domain, data, request, tiny_sd, tiny_backbone, tmp_path):
     source = {
@@ -29,6 +29,7 @@ def test_pretrain_runs_on_each_dataset_format(domain, data, request, tiny_sd, ti
         "wikiart": lambda: request.getfixturevalue("wikiart_root"),
         "ffhq": lambda: request.getfixturevalue("ffhq_folder"),
         "shards": lambda: request.getfixturevalue("shard_folder"),
+        "remote shards": lambda: request.getfixturevalue("shard_server").url + "/shards-{000..002}.tar",
     }[data]()
     result = runner.invoke(app, [
         "pretrain", "--domain", domain, "--data", str(source), "--out", str(tmp_path / "run"),

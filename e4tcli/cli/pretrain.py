@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from e4tcli.cli.options import BaseModelOption, DeviceOption, JsonFlag, LambdaEmbOption, LambdaWeightsOption
-from e4tcli.cli.completion import complete_domain
+from e4tcli.cli.completion import complete_domain, complete_path
 from e4tcli.cli.output import print_json, registry, reports_errors, step_progress, stdout_console, warn
 from e4tcli.domain import OFFSET_KINDS, OFFSET_LAYERS
 from e4tcli.errors import UsageError
@@ -39,7 +39,11 @@ def pretrain(
     domain: Annotated[
         Optional[str], typer.Option("--domain", "-d", help="Domain name (or 'domain:' in --config).", autocompletion=complete_domain)
     ] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="The domain's dataset: a folder, an LMDB, tar shards...")] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", help="The domain's dataset: a folder, an LMDB, tar shards (local or https://...).",
+                     autocompletion=complete_path),
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: checkpoints, log.jsonl, recipe.yaml.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML recipe; flags override it.")] = None,
     base_model: BaseModelOption = None,
@@ -107,7 +111,7 @@ def pretrain(
     from e4tcli.recipe import load_recipe, merge_recipe
 
     flags = dict(
-        domain=domain, data=str(data) if data else None, out=str(out) if out else None, base_model=base_model,
+        domain=domain, data=data, out=str(out) if out else None, base_model=base_model,
         backbone=backbone, steps=steps, batch_size=batch_size, learning_rate=lr, resolution=resolution, seed=seed,
         offsets=offsets, offset_rank=offset_rank, offset_layers=offset_layers, encoder_hidden_dim=encoder_hidden_dim, encoder_scale=encoder_scale,
         gradient_accumulation=gradient_accumulation, checkpoint_every=checkpoint_every, keep_last=keep_last,

@@ -10,17 +10,32 @@ The training loop draws ``dataset[random index]``, so the shards are indexed
 once at construction: only the 512-byte member headers are read (tarfile seeks
 over the data), and each item is later one ``seek`` + ``read`` of its bytes.
 Compressed shards (``.tar.gz``) cannot be read at an offset and are refused.
-Streaming shards sequentially without an index (for object stores) is a later
-step.
+
+Shards too big for the disk stay on their server: ``https://.../shards-{000..999}.tar``
+is read with HTTP byte ranges (``remote``), the same way. Indexing a remote
+shard reads its headers in 64 KiB ranges, in parallel over shards, and the
+index is kept in ``$E4T_CACHE`` (default ``~/.cache/e4t``) until the shard
+changes (size, ETag), so a resumed run or another process starts at once.
+Random access keeps what the training loop promises: the batch of a step is
+the same for any number of processes, and a resumed run repeats exactly.
 """
 
 import glob
+import hashlib
+import io
+import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
+from urllib.parse import urlparse
 
+from e4tcli.datasets.remote import RemoteFile, is_url, probe, read_range
 from e4tcli.errors import UsageError
+
+Shard = Union[Path, str]
+"""A local shard file, or the URL of a remote one."""
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -46,7 +61,10 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def looks_like_shards(spec: Union[str, Path]) -> bool:
-    """Whether ``spec`` names tar shards: a brace/glob pattern, a ``.tar`` file, or a folder holding ``.tar`` files."""
+    """Whether ``spec`` names tar shards: a brace/glob pattern, a ``.tar`` file, a folder holding
+    ``.tar`` files, or an http(s) URL (the only thing read over HTTP)."""
+    if is_url(spec):
+        return True
     path = Path(spec)
     if path.is_file():
         return path.suffix.lower() == ".tar"
@@ -56,11 +74,20 @@ def looks_like_shards(spec: Union[str, Path]) -> bool:
     return bool(_BRACE.search(text)) or any(c in text for c in "*?[") or text.lower().endswith(".tar")
 
 
-def shard_paths(spec: Union[str, Path]) -> list[Path]:
-    """The shard files ``spec`` names, in order; a UsageError names the first one missing."""
+def shard_name(shard: Shard) -> str:
+    return Path(urlparse(shard).path).name if isinstance(shard, str) else shard.name
+
+
+def shard_paths(spec: Union[str, Path]) -> list[Shard]:
+    """The shards ``spec`` names, in order; a UsageError names the first local one missing."""
     text = str(spec)
     path = Path(text)
-    if path.is_dir():
+    if is_url(text):
+        paths = expand_braces(text)
+        if not all(urlparse(url).path.lower().endswith(".tar") for url in paths):
+            raise UsageError(f"only .tar shards can be read over HTTP, not {paths[0]}",
+                             hint="pass a URL pattern such as 'https://host/shards-{000..099}.tar'")
+    elif path.is_dir():
         paths = sorted(p for p in path.iterdir() if p.suffix.lower() == ".tar" and p.is_file())
     elif path.is_file():
         paths = [path]
@@ -77,7 +104,7 @@ def shard_paths(spec: Union[str, Path]) -> list[Path]:
             )
     if not paths:
         raise UsageError(f"no tar shards found for {text}", hint="pass a .tar, a folder of .tar files or 'shards-{000..009}.tar'")
-    compressed = [p for p in paths if p.name.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))]
+    compressed = [p for p in paths if shard_name(p).lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))]
     if compressed:
         raise UsageError(f"compressed shard {compressed[0]} cannot be read at random offsets", hint="use uncompressed .tar shards")
     return paths
@@ -87,6 +114,70 @@ class Member(NamedTuple):
     shard: int
     offset: int
     size: int
+
+
+Samples = dict[str, dict[str, tuple[int, int]]]
+"""key -> extension -> (offset, size) of the member's bytes."""
+
+
+def scan(archive_source) -> tuple[Samples, Optional[str]]:
+    """The samples of one tar (a path or a file object), and the error that ended the scan early, if any."""
+    import tarfile
+
+    samples: Samples = {}
+    try:
+        if isinstance(archive_source, Path):
+            archive = tarfile.open(archive_source, mode="r:")
+        else:
+            archive = tarfile.open(fileobj=archive_source, mode="r:")
+        with archive:
+            for info in archive:
+                if info.isfile():
+                    folder, _, name = info.name.rpartition("/")
+                    stem, dot, extension = name.partition(".")
+                    if dot:
+                        key = f"{folder}/{stem}" if folder else stem
+                        samples.setdefault(key, {})[extension.lower()] = (info.offset_data, info.size)
+    except (tarfile.TarError, OSError) as error:
+        return samples, f"{type(error).__name__}: {error}"
+    return samples, None
+
+
+def index_cache_folder() -> Path:
+    root = os.environ.get("E4T_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "e4t"
+    )
+    return Path(root) / "tar-index"
+
+
+def scan_remote(url: str) -> tuple[Samples, Optional[str]]:
+    """``scan`` of a shard on an HTTP server, through the index cache."""
+    from e4tcli.io.atomic import atomic_file
+
+    info = probe(url)
+    path = index_cache_folder() / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
+    stamp = {"url": url, "size": info.size, "version": info.version}
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("stamp") == stamp:
+            return {k: {e: tuple(m) for e, m in v.items()} for k, v in cached["samples"].items()}, cached["error"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    samples, error = scan(io.BufferedReader(RemoteFile(url, info.size), buffer_size=64 * 1024))
+    try:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({"stamp": stamp, "samples": samples, "error": error}))
+    except OSError:
+        pass  # a read-only cache only costs the next start another scan
+    return samples, error
+
+
+def scan_all(shards: list[Shard]) -> list[tuple[Samples, Optional[str]]]:
+    remote = [shard for shard in shards if isinstance(shard, str)]
+    if not remote:
+        return [scan(shard) for shard in shards]
+    with ThreadPoolExecutor(max_workers=min(16, len(shards))) as pool:
+        return list(pool.map(lambda shard: scan_remote(shard) if isinstance(shard, str) else scan(shard), shards))
 
 
 class TarShards:
@@ -99,27 +190,16 @@ class TarShards:
     """
 
     def __init__(self, spec: Union[str, Path]):
-        import tarfile
-
         self.shards = shard_paths(spec)
         self.skipped: list[str] = []
         self.keys: list[str] = []
         self.images: list[Member] = []
         self.extras: list[dict[str, Member]] = []
-        for number, shard in enumerate(self.shards):
-            samples: dict[str, dict[str, Member]] = {}
-            try:
-                with tarfile.open(shard, mode="r:") as archive:
-                    for info in archive:
-                        if info.isfile():
-                            folder, _, name = info.name.rpartition("/")
-                            stem, dot, extension = name.partition(".")
-                            if dot:
-                                key = f"{folder}/{stem}" if folder else stem
-                                samples.setdefault(key, {})[extension.lower()] = Member(number, info.offset_data, info.size)
-            except (tarfile.TarError, OSError) as error:
-                self.skipped.append(f"{shard.name}: {type(error).__name__}: {error} (kept the {len(samples)} samples before it)")
-            for key, members in samples.items():
+        for number, (shard, (samples, error)) in enumerate(zip(self.shards, scan_all(self.shards))):
+            if error is not None:
+                self.skipped.append(f"{shard_name(shard)}: {error} (kept the {len(samples)} samples before it)")
+            for key, found in samples.items():
+                members = {extension: Member(number, *where) for extension, where in found.items()}
                 image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
                 if image is not None:
                     self.keys.append(key)
@@ -137,7 +217,13 @@ class TarShards:
     def _read(self, member: Member) -> bytes:
         # Opening per read keeps the object fork- and pickle-safe and never
         # holds thousands of descriptors; the open costs microseconds.
-        with open(self.shards[member.shard], "rb") as handle:
+        shard = self.shards[member.shard]
+        if isinstance(shard, str):
+            data = read_range(shard, member.offset, member.size)
+            if len(data) != member.size:
+                raise OSError("shard ends inside this member")
+            return data
+        with open(shard, "rb") as handle:
             handle.seek(member.offset)
             data = handle.read(member.size)
         if len(data) != member.size:
@@ -146,17 +232,18 @@ class TarShards:
 
     def _readable(self, index: int):
         """``(i, image)`` for the first decodable sample at or after ``index``."""
-        import io
-
         from e4tcli.datasets.image_folder import load_rgb
+        from e4tcli.errors import E4TError
 
         count = len(self.images)
         for offset in range(count):
             i = (index + offset) % count
             try:
                 return i, load_rgb(io.BytesIO(self._read(self.images[i])))
+            except E4TError:
+                raise  # an unreachable server is not a bad image
             except Exception:
-                name = f"{self.shards[self.images[i].shard].name}:{self.keys[i]}"
+                name = f"{shard_name(self.shards[self.images[i].shard])}:{self.keys[i]}"
                 if name not in self.skipped:
                     self.skipped.append(name)
         raise UsageError(f"no image in the tar shards could be decoded ({count} tried)", hint="check the shard files")
@@ -166,8 +253,6 @@ class TarShards:
 
     def metadata(self, index: int) -> dict:
         """``key``, ``shard``, the fields of the sample's ``.json`` (an object) and its ``.txt`` as ``txt``."""
-        import json
-
         index %= len(self.images)
         out: dict = {}
         extras = self.extras[index]
@@ -182,7 +267,7 @@ class TarShards:
                 out["txt"] = self._read(extras["txt"]).decode("utf-8", errors="replace")
             except OSError:
                 pass
-        out.update(key=self.keys[index], shard=self.shards[self.images[index].shard].name)
+        out.update(key=self.keys[index], shard=shard_name(self.shards[self.images[index].shard]))
         return out
 
     def sample(self, index: int) -> tuple:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from e4tcli.errors import E4TError
 from e4tcli.training.images import latent_distribution, square_resize
 
 CHUNK = 256
@@ -73,11 +74,24 @@ class MicroBatches(torch.utils.data.Dataset):
         known = len(skipped) if skipped is not None else 0
         arrays, metadata = [], []
         for sample in self.samples(item):
-            array, record = decode(self.dataset, sample.index, self.resolution, self.preprocess, self.with_metadata)
+            try:
+                array, record = decode(self.dataset, sample.index, self.resolution, self.preprocess, self.with_metadata)
+            except E4TError as error:
+                if torch.utils.data.get_worker_info() is None:
+                    raise
+                return error  # raised by next_micro_batch; the DataLoader would bury it in a worker traceback
             arrays.append(array[:, ::-1] if sample.flip else array)
             metadata.append(record)
         found = list(skipped[known:]) if skipped is not None else []
         return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))), found, metadata
+
+
+def next_micro_batch(micro_batches) -> tuple:
+    """The next item of a ``loader``; an E4TError met while decoding it (e.g. a shard server gone) is raised here."""
+    item = next(micro_batches)
+    if isinstance(item, E4TError):
+        raise item
+    return item
 
 
 def merge_skipped(dataset, found: list) -> None:
@@ -104,6 +118,17 @@ def loader(micro_batches: MicroBatches, workers: int, pin_memory: bool) -> torch
         prefetch_factor=2 if workers else None, persistent_workers=False,
         worker_init_fn=_ignore_stop_signals if workers else None,
     )
+
+
+def stop_workers(iterator) -> None:
+    """Stop a ``loader`` iterator's worker processes now, also after an error.
+
+    The workers ignore SIGTERM (``_ignore_stop_signals``), so one left to the
+    interpreter's exit, which only terminates them, keeps the process from ending.
+    """
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def uint8_to_pixels(images: torch.Tensor) -> torch.Tensor:

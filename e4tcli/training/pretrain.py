@@ -32,7 +32,9 @@ from e4tcli.io.training_state import prune_checkpoints, read_training_state, sav
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import Backbone, backbone_features
 from e4tcli.models.weight_offsets import share_factors, unshare_factors
-from e4tcli.training.data import FeatureCache, MicroBatches, encode_arrays, loader, merge_skipped
+from e4tcli.training.data import (
+    FeatureCache, MicroBatches, encode_arrays, loader, merge_skipped, next_micro_batch, stop_workers,
+)
 from e4tcli.training.images import square_resize
 from e4tcli.training.sharding import (
     full_tensor, gather_full_state, keep_trainable_weights_fp32, load_full_state, refuse_unsupported, shard_like,
@@ -347,7 +349,7 @@ def pretrain_domain(
                         *columns, metadata = zip(*(cache.lookup(sample.index, sample.flip) for sample in mine))
                         mean, std, features = (torch.stack(column).to(accelerator.device) for column in columns)
                     else:
-                        arrays, found_unreadable, metadata = next(micro_batches)
+                        arrays, found_unreadable, metadata = next_micro_batch(micro_batches)
                         merge_skipped(dataset, found_unreadable)
                         mean, std, features = encode_arrays(model, backbone, list(arrays.numpy()))
                     prompts = [sample_prompt(sample.template, record, plain[0]) for sample, record in zip(mine, metadata)]
@@ -403,6 +405,7 @@ def pretrain_domain(
                         hint="continue with the same command and --resume latest",
                     )
     finally:
+        stop_workers(micro_batches)
         log.close()
     if last_checkpoint is None:
         last_checkpoint = save(settings.steps)
