@@ -7,7 +7,6 @@ import typer
 
 from e4tcli.cli.options import (
     BaseModelOption,
-    TuneCheckpointingFlag,
     DeviceOption,
     DomainOption,
     JsonFlag,
@@ -15,6 +14,7 @@ from e4tcli.cli.options import (
     LambdaWeightsOption,
     PrecisionOption,
     SeedOption,
+    TuneCheckpointingFlag,
 )
 from e4tcli.cli.output import human_size, print_json, registry, reports_errors, step_progress, stdout_console
 
