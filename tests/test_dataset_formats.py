@@ -213,7 +213,7 @@ class ShardServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
-                path = folder / self.path.lstrip("/")
+                path = folder / self.path.split("?")[0].lstrip("/")
                 if not path.is_file():
                     self.send_error(404)
                     return
@@ -269,6 +269,27 @@ def test_remote_shards_read_like_local_ones_and_their_index_is_cached(shard_serv
 
     (shard_folder / "shards-002.tar").write_bytes((shard_folder / "shards-000.tar").read_bytes())  # the shard changes
     assert TarShards(f"{shard_server.url}/shards-{{000..002}}.tar").keys[-2:] == ["chelsea", "coffee"]
+
+
+def test_a_list_file_names_shards_such_as_presigned_urls(shard_server, shard_folder, tmp_path):
+    listing = tmp_path / "list" / "shards.txt"
+    listing.parent.mkdir()
+    (tmp_path / "list" / "local-000.tar").write_bytes((shard_folder / "shards-000.tar").read_bytes())
+    urls = [f"{shard_server.url}/shards-{n:03d}.tar?X-Amz-Signature=first{n}" for n in (1, 2)]
+    listing.write_text("# shards of a run\nlocal-000.tar\n\n" + "\n".join(urls) + "\n")
+    assert looks_like_shards(listing)
+    listed = TarShards(listing)
+    assert listed.keys == TarShards(shard_folder).keys
+    assert listed.metadata(3)["shard"] == "shards-001.tar"
+    assert np.array_equal(np.asarray(listed[4]), np.asarray(TarShards(shard_folder)[4]))
+
+    shard_server.requests.clear()  # signed again: the index cache still holds
+    listing.write_text("local-000.tar\n" + "\n".join(url.replace("first", "second") for url in urls))
+    assert TarShards(listing).keys == listed.keys
+    assert sorted(wanted for _, wanted in shard_server.requests) == ["bytes=0-0"] * 2
+    listing.write_text("local-000.tar\nmissing-009.tar\n")
+    with pytest.raises(UsageError, match="tar shard not found: .*missing-009.tar"):
+        TarShards(listing)
 
 
 def test_remote_shards_fail_clearly(shard_server, shard_folder):

@@ -12,7 +12,8 @@ over the data), and each item is later one ``seek`` + ``read`` of its bytes.
 Compressed shards (``.tar.gz``) cannot be read at an offset and are refused.
 
 Shards too big for the disk stay on their server: ``https://.../shards-{000..999}.tar``
-is read with HTTP byte ranges (``remote``), the same way. Indexing a remote
+is read with HTTP byte ranges (``remote``), the same way. A ``.txt`` file may
+list shards (paths, URLs, patterns), e.g. one pre-signed URL per shard. Indexing a remote
 shard reads its headers in 64 KiB ranges, in parallel over shards, and the
 index is kept in ``$E4T_CACHE`` (default ``~/.cache/e4t``) until the shard
 changes (size, ETag), so a resumed run or another process starts at once.
@@ -38,6 +39,7 @@ Shard = Union[Path, str]
 """A local shard file, or the URL of a remote one."""
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SHARD_LIST_SUFFIXES = (".txt",)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -62,12 +64,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 def looks_like_shards(spec: Union[str, Path]) -> bool:
     """Whether ``spec`` names tar shards: a brace/glob pattern, a ``.tar`` file, a folder holding
-    ``.tar`` files, or an http(s) URL (the only thing read over HTTP)."""
+    ``.tar`` files, a ``.txt`` list of shards, or an http(s) URL (the only thing read over HTTP)."""
     if is_url(spec):
         return True
     path = Path(spec)
     if path.is_file():
-        return path.suffix.lower() == ".tar"
+        return path.suffix.lower() in (".tar", *SHARD_LIST_SUFFIXES)
     if path.is_dir():
         return any(p.suffix.lower() == ".tar" and p.is_file() for p in path.iterdir())
     text = str(spec)
@@ -78,11 +80,29 @@ def shard_name(shard: Shard) -> str:
     return Path(urlparse(shard).path).name if isinstance(shard, str) else shard.name
 
 
+def listed_shards(path: Path) -> list[Shard]:
+    """The shards a list file names, one path, URL or pattern per line (``#`` comments).
+
+    Pre-signed object-store URLs differ per shard, so no pattern can name
+    them; relative paths are relative to the list file.
+    """
+    shards: list[Shard] = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if not is_url(line) and not Path(line).is_absolute():
+                line = str(path.parent / line)
+            shards.extend(shard_paths(line))
+    return shards
+
+
 def shard_paths(spec: Union[str, Path]) -> list[Shard]:
     """The shards ``spec`` names, in order; a UsageError names the first local one missing."""
     text = str(spec)
     path = Path(text)
-    if is_url(text):
+    if not is_url(text) and path.is_file() and path.suffix.lower() in SHARD_LIST_SUFFIXES:
+        paths = listed_shards(path)
+    elif is_url(text):
         paths = expand_braces(text)
         if not all(urlparse(url).path.lower().endswith(".tar") for url in paths):
             raise UsageError(f"only .tar shards can be read over HTTP, not {paths[0]}",
@@ -155,8 +175,9 @@ def scan_remote(url: str) -> tuple[Samples, Optional[str]]:
     from e4tcli.io.atomic import atomic_file
 
     info = probe(url)
-    path = index_cache_folder() / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
-    stamp = {"url": url, "size": info.size, "version": info.version}
+    where = url.split("?", 1)[0]  # a pre-signed URL's signature changes, the shard does not
+    path = index_cache_folder() / (hashlib.sha256(where.encode()).hexdigest()[:32] + ".json")
+    stamp = {"url": where, "size": info.size, "version": info.version}
     try:
         cached = json.loads(path.read_text())
         if cached.get("stamp") == stamp:
