@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Union
 from urllib.parse import urlparse
 
 from e4tcli.datasets.remote import RemoteFile, is_url, probe, read_range
-from e4tcli.errors import UsageError
+from e4tcli.errors import E4TError, UsageError
 
 Shard = Union[Path, str]
 """A local shard file, or the URL of a remote one."""
@@ -194,8 +194,7 @@ def scan_remote(url: str) -> tuple[Samples, Optional[str]]:
 
 
 def scan_all(shards: list[Shard]) -> list[tuple[Samples, Optional[str]]]:
-    remote = [shard for shard in shards if isinstance(shard, str)]
-    if not remote:
+    if not any(isinstance(shard, str) for shard in shards):
         return [scan(shard) for shard in shards]
     with ThreadPoolExecutor(max_workers=min(16, len(shards))) as pool:
         return list(pool.map(lambda shard: scan_remote(shard) if isinstance(shard, str) else scan(shard), shards))
@@ -241,12 +240,10 @@ class TarShards:
         shard = self.shards[member.shard]
         if isinstance(shard, str):
             data = read_range(shard, member.offset, member.size)
-            if len(data) != member.size:
-                raise OSError("shard ends inside this member")
-            return data
-        with open(shard, "rb") as handle:
-            handle.seek(member.offset)
-            data = handle.read(member.size)
+        else:
+            with open(shard, "rb") as handle:
+                handle.seek(member.offset)
+                data = handle.read(member.size)
         if len(data) != member.size:
             raise OSError("shard ends inside this member")
         return data
@@ -254,7 +251,6 @@ class TarShards:
     def _readable(self, index: int):
         """``(i, image)`` for the first decodable sample at or after ``index``."""
         from e4tcli.datasets.image_folder import load_rgb
-        from e4tcli.errors import E4TError
 
         count = len(self.images)
         for offset in range(count):
