@@ -19,6 +19,7 @@ a temp folder (``CLIPTokenizer`` reads files). Weights are random but seeded.
 
 import copy
 import os
+import sys
 import tempfile
 from time import perf_counter_ns as time_ns
 from dataclasses import dataclass, field
@@ -301,6 +302,16 @@ def print_table(rows: list[dict], columns: Optional[list[str]] = None, title: st
 def add_common_args(parser) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's; 1 is steadier on a shared machine)")
+
+
+def reserve_stdout_for_json(enabled: bool):
+    """With --json, stdout carries only the JSON: from here on, whatever else is printed goes to
+    stderr (DeepSpeed, imported by accelerate whenever it is installed, logs to stdout).
+    Returns the stream to print the JSON on."""
+    json_out = sys.stdout
+    if enabled:
+        sys.stdout = sys.stderr
+    return json_out
 
 
 def apply_common_args(args) -> None:

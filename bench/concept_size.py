@@ -248,11 +248,12 @@ def parse_args(argv=None) -> Config:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    json_out = common.reserve_stdout_for_json(cfg.json)
     rows, parts, meta = sd15_rows(cfg)
     checks = [verify_tiny("paper", cfg.rank), verify_tiny("lowrank", cfg.rank)]
     concept = rows[0]
     if cfg.json:
-        print(json.dumps({"sd15": rows, "encoder_parts": parts, **meta, "tiny_checks": checks}, indent=2, default=str))
+        print(json.dumps({"sd15": rows, "encoder_parts": parts, **meta, "tiny_checks": checks}, indent=2, default=str), file=json_out)
         return
     print(f"SD 1.5 + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; fp32; MB = 1e6 bytes")
     common.print_table(rows, ["file", "offsets", "encoder_params", "offset_params", "feature_values", "MB",

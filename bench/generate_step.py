@@ -163,10 +163,11 @@ def parse_args(argv=None) -> Config:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    json_out = common.reserve_stdout_for_json(cfg.json)
     torch.manual_seed(0)
     result = run(cfg)
     if cfg.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2), file=json_out)
         return
     print(f"generation step: size={cfg.size} {result['resolution']}px images={cfg.num_images} "
           f"(CFG batch {2 * cfg.num_images}) steps={cfg.steps} offsets={cfg.offsets} device={result['device']} "

@@ -168,13 +168,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    json_out = common.reserve_stdout_for_json(args.json or bool(args.one))
     if args.one:
-        print(json.dumps(run_one(RunSpec.parse(args.one), args.size, args.batch_size, args.steps, args.device)))
+        print(json.dumps(run_one(RunSpec.parse(args.one), args.size, args.batch_size, args.steps, args.device)), file=json_out)
         return
     specs = [RunSpec.parse(text) for text in args.configs.split(",")]
     rows = [run_in_subprocess(spec, args) for spec in specs]
     if args.json:
-        print(json.dumps({"size": args.size, "batch_size": args.batch_size, "steps": args.steps, "rows": rows}, indent=2))
+        print(json.dumps({"size": args.size, "batch_size": args.batch_size, "steps": args.steps, "rows": rows}, indent=2), file=json_out)
         return
     import torch
 

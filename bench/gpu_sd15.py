@@ -206,12 +206,13 @@ def parse_args(argv=None) -> Config:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    json_out = common.reserve_stdout_for_json(cfg.json)
     torch.manual_seed(0)
     start = common.time_ns()
     rows = run(cfg)
     total = (common.time_ns() - start) / 1e9
     if cfg.json:
-        print(json.dumps({"config": asdict(cfg), "rows": rows, "total_seconds": total}, indent=2))
+        print(json.dumps({"config": asdict(cfg), "rows": rows, "total_seconds": total}, indent=2), file=json_out)
         return
     from e4tcli.device import choose_placement
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, apply_common_args, print_table  # noqa: E402
+from common import add_common_args, apply_common_args, print_table, reserve_stdout_for_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     add_common_args(parser)
     args = parser.parse_args(argv)
     apply_common_args(args)
+    json_out = reserve_stdout_for_json(args.json)
 
     import torch
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if args.json:
-        print(json.dumps({"rows": [vars(r) for r in rows]}))
+        print(json.dumps({"rows": [vars(r) for r in rows]}), file=json_out)
     else:
         title = f"{args.seeds} images per prompted value, DDIM {args.sampling_steps} steps, guidance {settings.guidance}"
         print_table([vars(r) for r in rows], title=title)

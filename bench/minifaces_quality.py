@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, apply_common_args, print_table  # noqa: E402
+from common import add_common_args, apply_common_args, print_table, reserve_stdout_for_json  # noqa: E402
 
 ALL_METHODS = "base,e4t-0,e4t-5,e4t-15,ti-5,ti-50,ti-500,dreambooth-5,dreambooth-50,dreambooth-200"
 
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     add_common_args(parser)
     args = parser.parse_args(argv)
     apply_common_args(args)
+    json_out = reserve_stdout_for_json(args.json)
 
     from e4t_minifaces import WEIGHTS, world
     from e4t_minifaces.evaluate import EvalSettings, World, chance_identity_score, evaluate
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     reader = w.reader_accuracy
     if args.json:
         print(json.dumps({"rows": [vars(s) for s in scores], "reader_accuracy": reader,
-                          "chance_identity": chance_identity_score()}))
+                          "chance_identity": chance_identity_score()}), file=json_out)
     else:
         print_table(
             rows,

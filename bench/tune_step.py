@@ -318,14 +318,15 @@ def parse_args(argv=None) -> Config:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    json_out = common.reserve_stdout_for_json(cfg.json or bool(cfg.probe))
     torch.manual_seed(0)
     if cfg.probe:
-        print(json.dumps(probe(cfg)))
+        print(json.dumps(probe(cfg)), file=json_out)
         return
     rows, flop_ratio = run(cfg)
     if cfg.json:
         print(json.dumps({"size": cfg.size, "batch_size": cfg.batch_size, "text_unet_flop_ratio": flop_ratio,
-                          "rows": rows}, indent=2))
+                          "rows": rows}, indent=2), file=json_out)
         return
     placement = make_placement(cfg.device)
     side = common.resolution_of(cfg.size)

@@ -77,19 +77,28 @@ def make_accelerator(device: Optional[str], precision: str, gradient_accumulatio
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     from e4tcli.device import Placement, choose_placement
+    from e4tcli.training.deepspeed_state import refuse_unsupported_deepspeed
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if deepspeed and precision == "auto" and torch.cuda.is_available():
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"  # not fp16: see training.deepspeed_state
     chosen = choose_placement(None if distributed and device != "cpu" else device, precision)
     if chosen.device.type == "cuda" and chosen.device.index is not None and not distributed:
         torch.cuda.set_device(chosen.device)
     mixed = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[chosen.dtype]
+    # accelerate turns DeepSpeed off when told cpu=True; on a machine without GPUs, DeepSpeed runs on
+    # the CPU over gloo once accelerate is told that backend (it finds none of its own there)
+    deepspeed_on_cpu = deepspeed and not torch.cuda.is_available()
+    # rank 0 alone writes checkpoints, validation grids and the feature cache: give it time
+    process_group = InitProcessGroupKwargs(timeout=timedelta(hours=2), **({"backend": "gloo"} if deepspeed_on_cpu else {}))
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=gradient_accumulation,
-        cpu=chosen.device.type == "cpu",
-        # rank 0 alone writes checkpoints, validation grids and the feature cache: give it time
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+        cpu=chosen.device.type == "cpu" and not deepspeed_on_cpu,
+        kwargs_handlers=[process_group],
     )
+    refuse_unsupported_deepspeed(accelerator, chosen.dtype)
     device_used = chosen.device if chosen.device.type == "cuda" and not distributed else accelerator.device
     return accelerator, Placement(device_used, chosen.dtype)
 

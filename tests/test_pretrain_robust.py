@@ -203,17 +203,103 @@ def test_fsdp_sharded_run_saves_resumes_and_matches_one_process(base_args, tmp_p
     assert (sharded / "validation" / "step-0000002.png").is_file()
 
 
-def test_deepspeed_is_refused_with_a_clear_message():
+def deepspeed_launch(args, stage=2):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage),
+            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "e4tcli", "pretrain", *args]
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_deepspeed_zero2_saves_resumes_and_matches_one_process(base_args, tmp_path):
+    """ZeRO-2 over gloo (each process holds half the Adam state): checkpoints still hold the full
+    weights and moments, a run interrupted under DeepSpeed resumes exactly, and one plain process
+    can resume it too; all end where one uninterrupted plain process does."""
+    pytest.importorskip("deepspeed")
+    one, zero, handed = tmp_path / "one", tmp_path / "zero", tmp_path / "handed"
+    common = [*base_args, "--batch-size", "4", "--gradient-accumulation", "2", "--ema-decay", "0.5", "--json"]
+    assert pretrain([*common, "--out", str(one), "--steps", "2"]).exit_code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["--steps", "1"], ["--steps", "2", "--resume", "latest"]):
+        finished = subprocess.run(deepspeed_launch([*common, "--out", str(zero), *extra]), env=env,
+                                  capture_output=True, text=True, timeout=600)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        # DeepSpeed logs to stdout (on a CPU it always warns). e4t's --json keeps the workers' stdout
+        # for the one object; only accelerate's launcher, before e4t starts, prints its one warning
+        before, _, after = finished.stdout.partition("{\n")
+        assert before.count("\n") <= 1, finished.stdout
+        assert json.loads("{\n" + after)["steps"] == int(extra[1])
+    config = json.loads((zero / "checkpoint-0000002" / "config.json").read_text())
+    assert config["training"]["processes"] == 2
+    handed_over = pretrain([*common, "--out", str(handed), "--steps", "2", "--resume", str(zero / "checkpoint-0000001")])
+    assert handed_over.exit_code == 0, handed_over.output
+    for run in (zero, handed):
+        for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+            a = load_file(str(one / "checkpoint-0000002" / name))
+            b = load_file(str(run / "checkpoint-0000002" / name))
+            difference = max_difference(a, b)
+            assert difference < 1e-6, (run.name, name, difference)  # seen: ~1.5e-8
+    assert losses(zero) == pytest.approx(losses(one), rel=1e-5)
+    assert losses(handed) == pytest.approx(losses(one)[1:], rel=1e-5)  # its log starts after the checkpoint
+
+
+def test_deepspeed_zero3_is_refused_before_anything_is_loaded(base_args, tmp_path):
+    pytest.importorskip("deepspeed")
+    run = tmp_path / "run"
+    finished = subprocess.run(deepspeed_launch([*base_args, "--out", str(run), "--steps", "1"], stage=3),
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert finished.returncode != 0
+    errors = [line for line in finished.stderr.splitlines() if line.startswith("e4t: error:")]
+    assert errors and all("ZeRO stages 0-2, not stage 3" in line for line in errors), finished.stderr[-3000:]
+    assert not run.exists()
+
+
+def fake_deepspeed_accelerator(config: dict, processes: int = 2):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    from e4tcli.errors import UsageError
-    from e4tcli.training.sharding import refuse_unsupported
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=processes,
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
 
-    refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
-    with pytest.raises(UsageError, match="DeepSpeed"):
-        refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+
+def test_deepspeed_config_follows_e4t_batch_split_and_precision():
+    from e4tcli.training.deepspeed_state import configure_deepspeed
+
+    config = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}, "bf16": {"enabled": True},
+              "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    configure_deepspeed(fake_deepspeed_accelerator(config, processes=4), 3, 2, torch.bfloat16, "adamw")
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (3, 2)
+    assert config["train_batch_size"] == 24
+    assert config["gradient_clipping"] == 0.0
+    assert isinstance(config["zero_optimization"]["reduce_bucket_size"], int)
+    # the engine keeps fp32 weights (DeepSpeed's bf16 mode would cast the encoder); autocast runs bf16
+    assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
+    assert config["torch_autocast"]["enabled"] and config["torch_autocast"]["dtype"] == "bf16"
+    assert config["torch_autocast"]["lower_precision_safe_modules"] == []
+
+    clipped = {"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5, "torch_autocast": {"enabled": True}}
+    configure_deepspeed(fake_deepspeed_accelerator(clipped), 2, 1, torch.float32, "adamw")
+    assert clipped["gradient_clipping"] == 0.5  # a number the user chose is kept
+    assert "torch_autocast" not in clipped
+
+
+@pytest.mark.parametrize("config, dtype, optimizer, message", [
+    ({"zero_optimization": {"stage": 3}}, torch.float32, "adamw", "not stage 3"),
+    ({"zero_optimization": {"stage": 2}}, torch.float16, "adamw", "fp16"),
+    ({"zero_optimization": {"stage": 2}}, torch.float32, "adamw8bit", "adamw8bit"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, torch.float32, "adamw", "'optimizer'"),
+    ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, torch.float32, "adamw", "'scheduler'"),
+])
+def test_deepspeed_settings_e4t_cannot_honour_are_refused(config, dtype, optimizer, message):
+    from e4tcli.errors import UsageError
+    from e4tcli.training.deepspeed_state import configure_deepspeed
+
+    with pytest.raises(UsageError, match=message):
+        configure_deepspeed(fake_deepspeed_accelerator(config), 2, 1, dtype, optimizer)
 
 
 def test_workers_cache_and_ema(base_args, tmp_path):

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import typer
@@ -32,9 +32,30 @@ def warn(message: str) -> None:
     stderr_console().print(f"e4t: warning: {message}", markup=False)
 
 
+_json_stdout = None
+"""Where ``print_json`` writes while a ``--json`` command keeps stdout for its JSON alone."""
+
+
+@contextmanager
+def stdout_reserved_for_json(enabled: bool) -> Iterator[None]:
+    """With ``--json``, what libraries print on stdout goes to stderr instead, so stdout holds only
+    the command's JSON (DeepSpeed, imported by accelerate whenever it is installed, logs to stdout)."""
+    global _json_stdout
+    if not enabled or _json_stdout is not None:
+        yield
+        return
+    _json_stdout = sys.stdout
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_stdout = None
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    sys.stdout.flush()
+    stream = _json_stdout or sys.stdout
+    stream.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    stream.flush()
 
 
 def print_table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: Optional[str] = None) -> None:
@@ -119,7 +140,8 @@ def reports_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with stdout_reserved_for_json(bool(kwargs.get("json_output"))):
+                return command(*args, **kwargs)
         except E4TError as error:
             if debug_enabled():
                 traceback.print_exc()

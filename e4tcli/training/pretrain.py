@@ -1,7 +1,8 @@
 """Pre-training a domain: underfit many concepts, each training image its own concept.
 
 Runs on HuggingFace accelerate: one process by default, many GPUs or nodes
-under ``accelerate launch`` (DDP or FSDP from its config; see ``sharding``).
+under ``accelerate launch`` (DDP, FSDP or DeepSpeed ZeRO-0/1/2 from its
+config; see ``sharding`` and ``deepspeed_state``).
 Only the encoder and the weight offsets are wrapped for distribution; the
 frozen base model is never replicated into the optimizer.
 
@@ -35,9 +36,10 @@ from e4tcli.models.weight_offsets import share_factors, unshare_factors
 from e4tcli.training.data import (
     FeatureCache, MicroBatches, encode_arrays, loader, merge_skipped, next_micro_batch, stop_workers,
 )
+from e4tcli.training.deepspeed_state import configure_deepspeed, is_deepspeed
 from e4tcli.training.images import square_resize
 from e4tcli.training.sharding import (
-    full_tensor, gather_full_state, keep_trainable_weights_fp32, load_full_state, refuse_unsupported, shard_like,
+    full_tensor, gather_full_state, keep_trainable_weights_fp32, load_full_state, shard_like,
     whole_parameters,
 )
 from e4tcli.training.step import Batch, StepLosses, training_step
@@ -264,7 +266,6 @@ def pretrain_domain(
     on_step: Optional[Callable[[int, object], None]] = None,
 ) -> tuple[list[dict], Path]:
     """Train the encoder and the shared offsets; return each step's losses and the last checkpoint."""
-    refuse_unsupported(accelerator)
     keep_trainable_weights_fp32(accelerator)
     world = accelerator.num_processes
     per_device, remainder = divmod(settings.batch_size, world * settings.gradient_accumulation)
@@ -274,6 +275,9 @@ def pretrain_domain(
             f"{settings.gradient_accumulation} accumulation steps",
             hint="make --batch-size a multiple of processes x --gradient-accumulation",
         )
+    if is_deepspeed(accelerator):
+        configure_deepspeed(accelerator, per_device, settings.gradient_accumulation, model.placement.dtype,
+                            settings.optimizer)
     held = settings.validation_images if settings.validate_every and settings.validation_images > 0 else 0
     held_out = list(range(max(0, len(dataset) - held), len(dataset)))
     train_indices = list(range(len(dataset) - len(held_out))) or list(range(len(dataset)))

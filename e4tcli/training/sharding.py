@@ -1,5 +1,5 @@
 """The trained weights whole, whether each process holds all of them (one
-process, DDP) or a shard (FSDP).
+process, DDP) or a shard (FSDP, DeepSpeed ZeRO; see ``deepspeed_state``).
 
 Checkpoints always hold full tensors, so a run saved under FSDP on 8 GPUs
 resumes on 1 GPU or under DDP, and its weights are a plain domain checkpoint.
@@ -14,21 +14,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from e4tcli.errors import UsageError
+
 FULL_ON_MAIN = dict(full_state_dict=True, cpu_offload=True)
-
-
-def refuse_unsupported(accelerator) -> None:
-    """DeepSpeed partitions the optimizer in its own format, which e4t's checkpoints cannot gather."""
-    from accelerate.utils import DistributedType
-
-    from e4tcli.errors import UsageError
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise UsageError(
-            "e4t pretrain does not run under DeepSpeed",
-            hint="launch with a DDP or FSDP accelerate config (the trained encoder and offsets are small; "
-            "--precision and --gradient-checkpointing save the memory)",
-        )
 
 
 def keep_trainable_weights_fp32(accelerator) -> None:
@@ -53,6 +41,11 @@ def gather_full_state(parts: nn.Module, optimizer) -> tuple[dict, dict]:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+    from e4tcli.training.deepspeed_state import deepspeed_engine, gather_deepspeed_state
+
+    engine = deepspeed_engine(parts)
+    if engine is not None:
+        return gather_deepspeed_state(engine)
     options = StateDictOptions(**FULL_ON_MAIN)
     return get_model_state_dict(parts, options=options), get_optimizer_state_dict(parts, optimizer, options=options)
 
@@ -61,6 +54,15 @@ def load_full_state(parts: nn.Module, optimizer, model_state: dict, optimizer_st
     """Load full state dicts (as ``gather_full_state`` returns them) into every process's shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
+    from e4tcli.training.deepspeed_state import deepspeed_engine, load_deepspeed_state
+
+    engine = deepspeed_engine(parts)
+    if engine is not None:
+        if all(isinstance(key, int) for key in optimizer_state["state"]):
+            raise UsageError("this checkpoint's optimizer state predates named parameters and cannot resume under DeepSpeed",
+                             hint="resume it once without DeepSpeed, or start a new run")
+        load_deepspeed_state(engine, model_state, optimizer_state)
+        return
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(parts, model_state, options=options)
     if all(isinstance(key, int) for key in optimizer_state["state"]):

@@ -55,6 +55,8 @@ class BuildSettings:
     reader_steps: int = 1000
     caption_attributes: bool = False
     """Base-model captions sometimes name a few identity attributes (``world.samples(describe_attributes=...)``)."""
+    attention_everywhere: bool = False
+    """The base UNet also cross-attends at 16x16 (``models.new_unet``)."""
     threads: int = 0
     install_to: str = ""
     """Where ``install`` copies the weights (default: the package's ``weights`` folder)."""
@@ -134,7 +136,7 @@ def train_base(settings: BuildSettings) -> None:
     tokenizer_dir = write_tokenizer_files(settings.work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(settings.seed)
-    unet, text_encoder = models.new_unet(), models.new_text_encoder()
+    unet, text_encoder = models.new_unet(settings.attention_everywhere), models.new_text_encoder()
     unet.train()
     text_encoder.train()
     trained = list(unet.parameters()) + list(text_encoder.parameters())

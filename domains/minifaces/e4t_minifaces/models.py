@@ -33,17 +33,19 @@ def new_vae():
     )
 
 
-def new_unet():
+def new_unet(attention_everywhere: bool = False):
+    """``attention_everywhere`` adds cross-attention at 16x16 too (an experiment: does text then reach local features?)."""
     from diffusers import UNet2DConditionModel
 
+    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_everywhere else ("DownBlock2D", "UpBlock2D")
     return UNet2DConditionModel(
         sample_size=world.RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
         block_out_channels=(48, 96, 96),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=(first_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", last_up),
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
         norm_num_groups=16,
