@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-tiny minifaces test completions clean deepspeed
+.PHONY: demo demo-tiny minifaces test completions clean
 
 # CPU-only machines get the pinned CPU build of torch first, so no multi-GB CUDA build is pulled.
 $(STAMP): pyproject.toml domains/faces/pyproject.toml domains/cats/pyproject.toml domains/art/pyproject.toml \
@@ -14,17 +14,18 @@ $(STAMP): pyproject.toml domains/faces/pyproject.toml domains/cats/pyproject.tom
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e ".[test]" -e domains/faces -e domains/cats -e domains/art -e domains/minifaces
 	$(BIN)/pip install -q --no-deps clip-anytorch
-	$(MAKE) deepspeed
 	touch $(STAMP)
 
-# DeepSpeed for the ZeRO tests, beside the torch already installed: its build would otherwise pull a
-# CUDA torch into an isolated environment. Its CPU communication op is compiled here, once (~1.5 min),
-# rather than inside the first test that launches it.
-DEEPSPEED_DEPS := einops hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic tqdm
-deepspeed:
+# DeepSpeed for the ZeRO tests (only `make test` needs it), beside the torch already installed: its
+# build would otherwise pull a CUDA torch into an isolated environment. Its CPU communication op is
+# compiled here, once (about a minute), rather than inside the first test that launches it.
+DEEPSPEED_STAMP := $(VENV)/.deepspeed
+DEEPSPEED_DEPS  := einops hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic tqdm
+$(DEEPSPEED_STAMP): $(STAMP)
 	$(BIN)/pip install -q $(DEEPSPEED_DEPS)
 	$(BIN)/pip install -q --no-build-isolation --no-deps deepspeed==0.19.8
 	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	touch $(DEEPSPEED_STAMP)
 
 # The main job, offline on a CPU, in seconds: personalize the shipped miniature world's model
 # to one example portrait (a face it never saw), then draw that face in new scenes.
@@ -51,7 +52,7 @@ demo-tiny: $(STAMP)
 minifaces: $(STAMP)
 	$(BIN)/python -m e4t_minifaces.build --work .cache/minifaces-build
 
-test: $(STAMP)
+test: $(STAMP) $(DEEPSPEED_STAMP)
 	$(BIN)/python -m pytest -q
 
 completions: $(STAMP)

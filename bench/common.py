@@ -306,7 +306,7 @@ def add_common_args(parser) -> None:
 
 def reserve_stdout_for_json(enabled: bool):
     """With --json, stdout carries only the JSON: from here on, whatever else is printed goes to
-    stderr (DeepSpeed, imported by accelerate whenever it is installed, logs to stdout).
+    stderr (DeepSpeed, which accelerate and transformers import once it is installed, logs to stdout).
     Returns the stream to print the JSON on."""
     json_out = sys.stdout
     if enabled:

@@ -81,6 +81,9 @@ def make_accelerator(device: Optional[str], precision: str, gradient_accumulatio
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if deepspeed and device == "cpu" and torch.cuda.is_available():
+        raise UsageError("--device cpu turns DeepSpeed off on a machine with GPUs",
+                         hint="omit --device under DeepSpeed; accelerate gives each process its GPU")
     if deepspeed and precision == "auto" and torch.cuda.is_available():
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"  # not fp16: see training.deepspeed_state
     chosen = choose_placement(None if distributed and device != "cpu" else device, precision)

@@ -270,36 +270,48 @@ def test_deepspeed_config_follows_e4t_batch_split_and_precision():
     from e4tcli.training.deepspeed_state import configure_deepspeed
 
     config = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}, "bf16": {"enabled": True},
-              "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
-    configure_deepspeed(fake_deepspeed_accelerator(config, processes=4), 3, 2, torch.bfloat16, "adamw")
+              "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1}
+    configure_deepspeed(fake_deepspeed_accelerator(config, processes=4), 3, 2, "adamw")
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (3, 2)
     assert config["train_batch_size"] == 24
     assert config["gradient_clipping"] == 0.0
     assert isinstance(config["zero_optimization"]["reduce_bucket_size"], int)
-    # the engine keeps fp32 weights (DeepSpeed's bf16 mode would cast the encoder); autocast runs bf16
-    assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
-    assert config["torch_autocast"]["enabled"] and config["torch_autocast"]["dtype"] == "bf16"
-    assert config["torch_autocast"]["lower_precision_safe_modules"] == []
+    # the engine stays fp32 (DeepSpeed's bf16 would cast the encoder); e4t's own autocast does bf16
+    assert config["bf16"] == config["fp16"] == config["torch_autocast"] == {"enabled": False}
 
-    clipped = {"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5, "torch_autocast": {"enabled": True}}
-    configure_deepspeed(fake_deepspeed_accelerator(clipped), 2, 1, torch.float32, "adamw")
-    assert clipped["gradient_clipping"] == 0.5  # a number the user chose is kept
-    assert "torch_autocast" not in clipped
+    clipped = {"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5, "train_batch_size": 4}
+    configure_deepspeed(fake_deepspeed_accelerator(clipped), 2, 1, "adamw")
+    assert clipped["gradient_clipping"] == 0.5  # numbers the user chose are kept when they agree
+    assert clipped["train_batch_size"] == 4
 
 
-@pytest.mark.parametrize("config, dtype, optimizer, message", [
-    ({"zero_optimization": {"stage": 3}}, torch.float32, "adamw", "not stage 3"),
-    ({"zero_optimization": {"stage": 2}}, torch.float16, "adamw", "fp16"),
-    ({"zero_optimization": {"stage": 2}}, torch.float32, "adamw8bit", "adamw8bit"),
-    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, torch.float32, "adamw", "'optimizer'"),
-    ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, torch.float32, "adamw", "'scheduler'"),
+@pytest.mark.parametrize("config, optimizer, message", [
+    ({"zero_optimization": {"stage": 2}}, "adamw8bit", "adamw8bit"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "adamw", "'optimizer'"),
+    ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "adamw", "'scheduler'"),
+    ({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}, "adamw", "gradient_accumulation_steps to 4"),
+    ({"zero_optimization": {"stage": 2}, "train_batch_size": 64}, "adamw", "train_batch_size to 64"),
 ])
-def test_deepspeed_settings_e4t_cannot_honour_are_refused(config, dtype, optimizer, message):
+def test_deepspeed_settings_e4t_cannot_honour_are_refused(config, optimizer, message):
     from e4tcli.errors import UsageError
     from e4tcli.training.deepspeed_state import configure_deepspeed
 
     with pytest.raises(UsageError, match=message):
-        configure_deepspeed(fake_deepspeed_accelerator(config), 2, 1, dtype, optimizer)
+        configure_deepspeed(fake_deepspeed_accelerator(config), 2, 1, optimizer)
+
+
+@pytest.mark.parametrize("zero, dtype, message", [
+    ({"stage": 3}, torch.float32, "not stage 3"),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, torch.float32, "offload_optimizer"),
+    ({"stage": 2}, torch.float16, "fp16"),
+])
+def test_deepspeed_launches_e4t_cannot_run_are_refused_before_loading(zero, dtype, message):
+    from e4tcli.errors import UsageError
+    from e4tcli.training.deepspeed_state import refuse_unsupported_deepspeed
+
+    refuse_unsupported_deepspeed(fake_deepspeed_accelerator({"zero_optimization": {"stage": 2}}), torch.bfloat16)
+    with pytest.raises(UsageError, match=message):
+        refuse_unsupported_deepspeed(fake_deepspeed_accelerator({"zero_optimization": zero}), dtype)
 
 
 def test_workers_cache_and_ema(base_args, tmp_path):

@@ -38,8 +38,9 @@ _json_stdout = None
 
 @contextmanager
 def stdout_reserved_for_json(enabled: bool) -> Iterator[None]:
-    """With ``--json``, what libraries print on stdout goes to stderr instead, so stdout holds only
-    the command's JSON (DeepSpeed, imported by accelerate whenever it is installed, logs to stdout)."""
+    """With ``--json``, what Python code prints on stdout goes to stderr instead, so stdout holds only
+    the command's JSON (DeepSpeed, which accelerate and transformers import once it is installed, e.g.
+    to unwrap a model, logs to stdout). Writes straight to file descriptor 1 (C libraries) are not caught."""
     global _json_stdout
     if not enabled or _json_stdout is not None:
         yield

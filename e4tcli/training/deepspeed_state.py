@@ -2,9 +2,9 @@
 
 accelerate's DeepSpeed config is fitted to e4t before ``prepare``: the batch
 split comes from ``--batch-size`` and ``--gradient-accumulation``, and the
-engine keeps the trained weights in fp32 while autocast runs the low
-precision, as under DDP and FSDP (DeepSpeed's own fp16/bf16 modes would cast
-the encoder). Checkpoints hold the full weights and Adam moments under their
+engine runs in fp32 while e4t's own autocast runs the model calls in bf16, as
+under DDP and FSDP (DeepSpeed's fp16/bf16 modes would cast the encoder, and
+its torch_autocast mode would also cast e4t's fp32 offset arithmetic). Checkpoints hold the full weights and Adam moments under their
 parameter names, gathered from ZeRO's partitions, so a run saved under
 DeepSpeed on 8 GPUs resumes under DDP on 1, and the other way round.
 
@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-from e4tcli.errors import UsageError
+from e4tcli.errors import RuntimeFailure, UsageError
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -32,7 +32,7 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def deepspeed_engine(parts) -> "object | None":
+def deepspeed_engine(parts) -> object | None:
     """``parts`` itself when ``prepare`` made it a DeepSpeed engine, else None."""
     if "deepspeed" not in sys.modules:
         return None
@@ -45,23 +45,26 @@ def refuse_unsupported_deepspeed(accelerator, dtype: torch.dtype) -> None:
     """Called before any model is loaded (under ZeRO-3, transformers would partition the frozen models too)."""
     if not is_deepspeed(accelerator):
         return
-    stage = int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
     if stage > 2:
         raise UsageError(
             f"e4t pretrain runs under DeepSpeed ZeRO stages 0-2, not stage {stage}",
             hint="use --zero_stage 2 (the trained encoder and offsets are small), or FSDP to shard them",
         )
+    for section in ("offload_optimizer", "offload_param"):
+        if str(zero.get(section, {}).get("device", "none")).lower() not in ("none", "auto"):
+            raise UsageError(f"e4t pretrain does not run with DeepSpeed's {section}",
+                             hint="set its device to none (the trained parts are small)")
     if dtype == torch.float16:
-        # seen with deepspeed 0.19.8: once a step overflows, its autocast gradient scaler is never
+        # seen with deepspeed 0.19.8: its fp16 autocast scaler, once a step overflows, is never
         # lowered, so every later step is skipped as well
         raise UsageError("e4t pretrain does not run fp16 under DeepSpeed", hint="use --precision bf16 (or fp32)")
 
 
-def configure_deepspeed(accelerator, micro_batch: int, accumulation: int, dtype: torch.dtype, optimizer: str) -> None:
+def configure_deepspeed(accelerator, micro_batch: int, accumulation: int, optimizer: str) -> None:
     """Fit the DeepSpeed config accelerate built (from ``accelerate launch`` or a config file) to e4t."""
-    refuse_unsupported_deepspeed(accelerator, dtype)
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    zero = config.setdefault("zero_optimization", {})
     if optimizer != "adamw":
         raise UsageError(f"--optimizer {optimizer} does not run under DeepSpeed", hint="use --optimizer adamw")
     for section in ("optimizer", "scheduler"):
@@ -70,21 +73,31 @@ def configure_deepspeed(accelerator, micro_batch: int, accumulation: int, dtype:
                 f"the DeepSpeed config sets '{section}', but e4t builds its own",
                 hint=f"remove '{section}' from the DeepSpeed config; set the learning rate with --lr",
             )
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = accumulation
-    config["train_batch_size"] = micro_batch * accumulation * accelerator.num_processes
+    split = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
+             "train_batch_size": micro_batch * accumulation * accelerator.num_processes}
+    for key, value in split.items():
+        chosen = config.get(key, "auto")
+        accelerate_default = key == "gradient_accumulation_steps" and chosen == 1
+        if chosen != "auto" and not accelerate_default and int(chosen) != value:
+            raise UsageError(
+                f"the DeepSpeed config sets {key} to {chosen}, but e4t's batch split gives {value}",
+                hint="remove it from the DeepSpeed config; --batch-size and --gradient-accumulation set it",
+            )
+    config.update(split)
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = 0.0  # e4t clips nothing, under any launcher
     config["fp16"] = {"enabled": False}
     config["bf16"] = {"enabled": False}
-    if dtype == torch.bfloat16:
-        # fp32 weights and autocast in the forward pass; no module is marked for low-precision
-        # gradient reduction, so gradients are reduced in fp32, as under DDP
-        config["torch_autocast"] = {"enabled": True, "dtype": "bf16", "lower_precision_safe_modules": []}
-    else:
-        config.pop("torch_autocast", None)
+    config["torch_autocast"] = {"enabled": False}
+    zero = config.setdefault("zero_optimization", {})
     if zero.get("reduce_bucket_size") == "auto":
         zero["reduce_bucket_size"] = 500_000_000  # accelerate would size it from a model config e4t's parts lack
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
 
 
 def _full_weight(parameter: nn.Parameter) -> torch.Tensor:
@@ -101,12 +114,12 @@ def _torch_optimizer(engine):
 
 
 def _partitioned(parameter: nn.Parameter) -> bool:
-    """ZeRO keeps this parameter's master copy in partitions (this process may hold none of it)."""
-    return hasattr(parameter, "_hp_mapping") or hasattr(parameter, "ds_id")
+    """ZeRO-1/2 keep this parameter's master copy in partitions (this process may hold none of it)."""
+    return hasattr(parameter, "_hp_mapping")
 
 
 def gather_deepspeed_state(engine) -> tuple[dict, dict]:
-    """Full weights and optimizer state dicts on every process (CPU tensors). Collective.
+    """Full weights and optimizer state dicts (CPU tensors) on the main process, ``{}`` elsewhere. Collective.
 
     The optimizer state has ``torch.distributed.checkpoint``'s full layout,
     keyed by parameter name, so checkpoints written under DeepSpeed and
@@ -115,18 +128,23 @@ def gather_deepspeed_state(engine) -> tuple[dict, dict]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     inner = _torch_optimizer(engine)
+    keep = torch.distributed.get_rank() == 0
     started = bool(inner.state)
     step = _optimizer_step(inner)
     model_state, state = {}, {}
     for name, parameter in engine.module.named_parameters():
-        model_state[name] = _full_weight(parameter).cpu()
-        if not started:
-            continue
-        if _partitioned(parameter):
+        weight = _full_weight(parameter)  # every process takes part in each gather, in the same order
+        if started and _partitioned(parameter):
             moments = {key: safe_get_full_optimizer_state(parameter, key) for key in ADAM_MOMENTS}
-        else:
+        elif started:
             moments = {key: inner.state[parameter][key] for key in ADAM_MOMENTS}
-        state[name] = {"step": step.clone(), **{key: value.float().cpu() for key, value in moments.items()}}
+        if not keep:
+            continue
+        model_state[name] = weight.cpu()
+        if started:
+            state[name] = {"step": step.clone(), **{key: value.float().cpu() for key, value in moments.items()}}
+    if not keep:
+        return {}, {}
     groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(model_state)}
               for group in inner.param_groups[:1]]
     return model_state, {"state": state, "param_groups": groups}
@@ -161,8 +179,12 @@ def load_deepspeed_state(engine, model_state: dict, optimizer_state: dict) -> No
     for group in inner.param_groups:
         for flat in group["params"]:
             inner.state[flat] = {"step": step.clone(), **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS}}
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO-1/2 point each parameter at its slice of the new state
+    if any(_partitioned(p) for p in named.values()):
+        # ZeRO-1/2 point each parameter at its slice of the new state (a private step, tested on 0.19.8)
+        link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is None:
+            raise RuntimeFailure(f"this DeepSpeed ({_deepspeed_version()}) cannot be resumed by e4t",
+                                 hint="install deepspeed==0.19.8, the version e4t is tested with")
         engine.optimizer._hp_optimizer_states_linked = False
         link()
     with torch.no_grad():

@@ -276,8 +276,7 @@ def pretrain_domain(
             hint="make --batch-size a multiple of processes x --gradient-accumulation",
         )
     if is_deepspeed(accelerator):
-        configure_deepspeed(accelerator, per_device, settings.gradient_accumulation, model.placement.dtype,
-                            settings.optimizer)
+        configure_deepspeed(accelerator, per_device, settings.gradient_accumulation, settings.optimizer)
     held = settings.validation_images if settings.validate_every and settings.validation_images > 0 else 0
     held_out = list(range(max(0, len(dataset) - held), len(dataset)))
     train_indices = list(range(len(dataset) - len(held_out))) or list(range(len(dataset)))
