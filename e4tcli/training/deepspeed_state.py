@@ -4,14 +4,16 @@ accelerate's DeepSpeed config is fitted to e4t before ``prepare``: the batch
 split comes from ``--batch-size`` and ``--gradient-accumulation``, and the
 engine runs in fp32 while e4t's own autocast runs the model calls in bf16, as
 under DDP and FSDP (DeepSpeed's fp16/bf16 modes would cast the encoder, and
-its torch_autocast mode would also cast e4t's fp32 offset arithmetic). Checkpoints hold the full weights and Adam moments under their
-parameter names, gathered from ZeRO's partitions, so a run saved under
-DeepSpeed on 8 GPUs resumes under DDP on 1, and the other way round.
+its torch_autocast mode would also cast e4t's fp32 offset arithmetic).
+Checkpoints hold the full weights and Adam moments under their parameter
+names, gathered from ZeRO's partitions, so a run saved under DeepSpeed on 8
+GPUs resumes under DDP on 1, and the other way round.
 
-ZeRO-3 is refused: it partitions the parameters themselves, which e4t reads
-outside the forward pass of the module that holds them (offsets shared across
-layers, EMA), and the trained parts (at most ~174 M parameters) fit on any
-GPU that runs the frozen model.
+ZeRO-3 is refused: under it, transformers partitions the frozen models as they
+load (the tiny models' loading then failed), e4t reads the trained parameters
+outside their modules' forward passes (shared offsets, EMA), and the trained
+parts (at most ~174 M parameters) gain nothing from it that ZeRO-2 or FSDP
+does not give.
 """
 
 from __future__ import annotations
