@@ -2,7 +2,8 @@
 
 What it computes, from parameter counts (nothing is downloaded):
 
-- a concept (``e4t tune``'s output) holds, in fp32: the encoder's parameters,
+- a concept (``e4t tune``'s output) holds, in fp16 (``--save-precision fp32``
+  doubles it): the encoder's parameters,
   for every to_q/to_k/to_v of every attention layer the two factors of dW
   (``E4TModel.concept_state_dict``: a column (out x k) and a row (in x k),
   k = 1 for 'paper', the rank for 'lowrank'), and the reference image's
@@ -44,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 FP32 = 4
+FP16 = 2
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Counts:
 
     @property
     def concept_bytes(self) -> int:
-        return FP32 * (self.encoder + self.concept_offsets + self.image_features)
+        return FP16 * (self.encoder + self.concept_offsets + self.image_features)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -255,12 +257,13 @@ def main(argv=None) -> None:
     if cfg.json:
         print(json.dumps({"sd15": rows, "encoder_parts": parts, **meta, "tiny_checks": checks}, indent=2, default=str), file=json_out)
         return
-    print(f"SD 1.5 + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; fp32; MB = 1e6 bytes")
+    print(f"SD 1.5 + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; "
+          "concepts fp16, checkpoints fp32; MB = 1e6 bytes")
     common.print_table(rows, ["file", "offsets", "encoder_params", "offset_params", "feature_values", "MB",
                               "header_kB", "file_MB"])
     print()
     total = sum(parts.values())
-    common.print_table([{"encoder part": k, "params": v, "MB": FP32 * v / 1e6, "share": v / total}
+    common.print_table([{"encoder part": k, "params": v, "MB (fp16)": FP16 * v / 1e6, "share": v / total}
                         for k, v in parts.items()], title="encoder parameters (SD 1.5 + ViT-H/14)")
     print()
     common.print_table(checks, title="formula check on the tiny model (real concept written with save_concept)")

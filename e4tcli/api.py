@@ -193,6 +193,8 @@ class TuneOptions:
     """None: on with CUDA (see ``checkpointing_by_default``), off elsewhere."""
     lambda_emb: Optional[float] = None
     lambda_weights: Optional[float] = None
+    save_precision: str = "fp16"
+    """How the concept file stores its tensors: fp16 (half the size) or fp32."""
 
 
 @dataclass
@@ -250,7 +252,7 @@ def check_same(kind: str, recorded: dict, actual_source: str, actual_fingerprint
 def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneResult:
     from e4tcli.device import choose_placement
     from e4tcli.io.checkpoint import load_checkpoint
-    from e4tcli.io.concept import save_concept
+    from e4tcli.io.concept import PRECISIONS, save_concept
     from e4tcli.models.e4t import E4TModel
     from e4tcli.models.encoder import EncoderConfig
     from e4tcli.models.loading import backbone_features, load_backbone, load_base_model
@@ -259,6 +261,8 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
     from e4tcli.training.tune import TuneSettings, tune_concept
 
     start = time.perf_counter()
+    if options.save_precision not in PRECISIONS:
+        raise UsageError(f"--save-precision must be one of {', '.join(PRECISIONS)}, got '{options.save_precision}'")
     image = load_user_image(options.image)
     out = Path(options.out) if options.out else Path(options.image).with_suffix(".e4t.safetensors")
     if out.suffix != ".safetensors":
@@ -315,7 +319,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
         "e4t_version": __version__,
     }
     tensors = {**model.concept_state_dict(), "image_features": features[0].cpu()}
-    size = save_concept(out, tensors, info)
+    size = save_concept(out, tensors, info, options.save_precision)
     return TuneResult(out, size, settings.steps, time.perf_counter() - start, options.seed, losses)
 
 

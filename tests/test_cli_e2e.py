@@ -229,3 +229,12 @@ def test_lowrank_offsets_on_attention_and_resnets_end_to_end(tiny_sd, tiny_backb
     assert any(k.endswith("resnets.0.conv1.column") for k in loaded.tensors)
     generated = runner.invoke(app, ["generate", str(concept), "S*", "--steps", "2", "--out", str(tmp_path / "o")])
     assert generated.exit_code == 0, generated.output
+
+
+def test_unknown_save_precision_is_refused_before_anything_is_written(world, photo_folder, tmp_path):
+    out = tmp_path / "c.safetensors"
+    result = runner.invoke(app, ["tune", str(photo_folder / "chelsea.png"), "--domain", "cats", "--checkpoint",
+                                 str(world["checkpoint"]), "--out", str(out), "--save-precision", "int8"])
+    assert result.exit_code == 2
+    assert "--save-precision" in result.output and "fp16, fp32" in result.output
+    assert not out.exists()

@@ -79,7 +79,9 @@ def test_described_captions_name_a_few_true_attributes_never_a_whole_identity():
             assert world.ATTRIBUTE_PHRASES[name](getattr(sample.identity, name)) in sample.caption, sample.caption
         assert len(described) <= world.MAX_DESCRIBED, sample.caption
         described_counts.append(len(described))
-    assert 0.3 < described_counts.count(0) / len(described_counts) < 0.6
+    for count, weight in enumerate(world.DESCRIBED_COUNT_WEIGHTS):
+        share = weight / sum(world.DESCRIBED_COUNT_WEIGHTS)
+        assert abs(described_counts.count(count) / len(described_counts) - share) < 0.05, count
     assert max(described_counts) == world.MAX_DESCRIBED
     plain, described = world.samples(seed=4), world.samples(seed=4, describe_attributes=True)
     for _ in range(50):  # the same images and scenes either way: only the words differ

@@ -178,3 +178,54 @@ def test_pretraining_takes_the_domains_offsets_unless_flags_override(tiny_sd, ti
     from_flags = load_checkpoint(api.pretrain(overridden, domain).checkpoint)
     assert from_flags.config["offsets"]["kind"] == "paper" and from_flags.config["offsets"]["layers"] == "attention"
     assert not any("resnets" in k for k in from_flags.tensors)
+
+
+def test_fp16_concept_is_the_fp32_one_rounded_half_the_size_and_generates_alike(
+    tiny_checkpoint, tiny_sd, photo_folder, cats_domain, tmp_path
+):
+    concepts = {}
+    for precision in ("fp32", "fp16"):
+        out = tmp_path / f"{precision}.safetensors"
+        result = api.tune(
+            api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(tiny_checkpoint), out=str(out),
+                            steps=2, batch_size=2, seed=3, save_precision=precision),
+            cats_domain,
+        )
+        concepts[precision] = (load_concept(out), result.size_bytes)
+    (full, full_size), (half, half_size) = concepts["fp32"], concepts["fp16"]
+    assert full.info["precision"] == "fp32" and half.info["precision"] == "fp16"
+    assert half_size < 0.55 * full_size
+    assert full.tensors.keys() == half.tensors.keys()
+    for name, tensor in full.tensors.items():
+        assert tensor.dtype == torch.float32 and half.tensors[name].dtype == torch.float16, name
+        assert torch.equal(half.tensors[name], tensor.half()), name
+
+    placement = choose_placement("cpu")
+    outputs = []
+    g = torch.Generator().manual_seed(0)
+    latents, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300])
+    for concept in (full, half):
+        info = concept.info
+        model = E4TModel(
+            load_base_model(str(tiny_sd)), "cat", EncoderConfig.from_dict(info["encoder"]),
+            OffsetConfig(**info["offsets"]), placement, concept.model_tensors(),
+        )
+        assert all(p.dtype == torch.float32 for p in model.encoder.parameters())
+        with torch.no_grad():
+            states = model.encode_text(model.tokenize(["a photo of S*"]))
+            embedding, _ = model.concept_embedding(concept.image_features[None], latents, t, states)
+            outputs.append((embedding, model.unet(latents, t, encoder_hidden_states=states).sample))
+    (embedding32, eps32), (embedding16, eps16) = outputs
+    assert not torch.equal(eps16, eps32), "the fp16 file's values are rounded"
+    assert torch.allclose(eps16, eps32, rtol=0, atol=1e-3 * eps32.abs().max().item())
+    assert torch.allclose(embedding16, embedding32, rtol=0, atol=1e-2 * embedding32.abs().max().item())
+
+
+def test_a_tensor_fp16_cannot_hold_stays_fp32():
+    from e4tcli.io.concept import stored_tensors
+
+    stored = stored_tensors({"small": torch.tensor([1.0, -2.5]), "huge": torch.tensor([1e5, 1.0]),
+                             "ids": torch.tensor([3, 4])})
+    assert stored["small"].dtype == torch.float16
+    assert stored["huge"].dtype == torch.float32 and stored["huge"][0].item() == 1e5
+    assert stored["ids"].dtype == torch.int64

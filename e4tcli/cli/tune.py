@@ -42,6 +42,9 @@ def tune(
     gradient_checkpointing: TuneCheckpointingFlag = None,
     lambda_emb: LambdaEmbOption = None,
     lambda_weights: LambdaWeightsOption = None,
+    save_precision: Annotated[
+        str, typer.Option("--save-precision", help="How the concept file stores its tensors: fp16 (half the size) or fp32.")
+    ] = "fp16",
     json_output: JsonFlag = False,
 ) -> None:
     """Personalize the domain's model to the concept in IMAGE; write ONE concept file."""
@@ -63,6 +66,7 @@ def tune(
         gradient_checkpointing=gradient_checkpointing,
         lambda_emb=lambda_emb,
         lambda_weights=lambda_weights,
+        save_precision=save_precision,
     )
     total = steps if steps is not None else entry.domain.tune.steps
     with step_progress(total, "tuning", enabled=not json_output) as on_step:

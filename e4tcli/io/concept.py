@@ -7,6 +7,11 @@ generation needs neither the image nor the backbone. The header's metadata
 holds the recipe: domain, class word, token, base model and domain
 checkpoint (source and fingerprint), encoder and offset configurations,
 tuning settings. Only safetensors is read: nothing is ever unpickled.
+
+Tensors are stored in fp16 by default (``e4t tune --save-precision``), half
+the size of fp32; generation computes in fp32 (or the chosen precision) from
+the rounded values. A tensor that fp16 cannot hold (a value over 65504) is
+kept in fp32.
 """
 
 import json
@@ -20,6 +25,7 @@ from e4tcli.io.atomic import atomic_file
 FORMAT = "e4t-concept"
 VERSION = 1
 SUFFIX = ".safetensors"
+PRECISIONS = ("fp16", "fp32")
 
 
 @dataclass
@@ -36,17 +42,38 @@ class Concept:
         return {k: v for k, v in self.tensors.items() if k != "image_features"}
 
 
-def save_concept(path: Path, tensors: dict[str, Any], info: dict[str, Any]) -> int:
-    """Write the concept atomically; return its size in bytes."""
+def stored_tensors(tensors: dict[str, Any], precision: str = "fp16") -> dict[str, Any]:
+    """``tensors`` as a concept file holds them: floating point ones in ``precision``, on the CPU."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown concept precision '{precision}'", hint="use fp16 or fp32")
+    stored = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+            if precision == "fp16":
+                half = tensor.half()
+                if torch.isfinite(half).all() or not torch.isfinite(tensor).all():
+                    tensor = half
+        stored[name] = tensor.contiguous()
+    return stored
+
+
+def save_concept(path: Path, tensors: dict[str, Any], info: dict[str, Any], precision: str = "fp16") -> int:
+    """Write the concept atomically, floating point tensors in ``precision``; return its size in bytes."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    tensors = stored_tensors(tensors, precision)
+    info = info | {"precision": precision}
     metadata = {"format": FORMAT, "version": str(VERSION), "e4t": json.dumps(info, sort_keys=True)}
     for key in ("domain", "class_word", "token"):
         if key in info:
             metadata[key] = str(info[key])
     with atomic_file(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
     return path.stat().st_size
 
 

@@ -92,9 +92,10 @@ class FixedOffset(nn.Module):
     """Offsets as stored in a concept file: the two factors, not trained further."""
 
     def __init__(self, column: torch.Tensor, row: torch.Tensor):
+        """Factors stored in fp16 are widened: ``W * (1 + dW)`` is formed in fp32, then cast."""
         super().__init__()
-        self.register_buffer("column", column)
-        self.register_buffer("row", row)
+        self.register_buffer("column", column.float())
+        self.register_buffer("row", row.float())
         self._merged: dict = {}
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,8 @@ class EvalSettings:
     """Seeds the held-out identities (drawn by a different RNG stream than any training stage)."""
     e4t_learning_rate: Optional[float] = None
     """E4T's tuning learning rate (default: the domain's)."""
+    e4t_lambda_emb: Optional[float] = None
+    """E4T's tuning weight of ``||offset||^2`` (default: the domain's)."""
 
 
 @dataclass
@@ -124,6 +126,18 @@ class World:
         self._e4t.load_trainable_state_dict(self.checkpoint.tensors)
         return self._e4t
 
+    def concept_model(self, tensors: dict):
+        """The model ``e4t generate`` builds from a concept file's ``tensors``."""
+        from e4tcli.models.e4t import E4TModel
+        from e4tcli.models.encoder import EncoderConfig
+        from e4tcli.models.weight_offsets import OffsetConfig
+
+        config = self.checkpoint.config
+        return E4TModel(
+            self.load_base(), config["class_word"], EncoderConfig.from_dict(config["encoder"]),
+            OffsetConfig(**config["offsets"]), self.placement, tensors,
+        )
+
 
 # --------------------------------------------------------------------------- sampling
 def plain_pipeline(base, unet=None, text_encoder=None, tokenizer=None):
@@ -172,7 +186,7 @@ def run_base(w: World, identity, settings: EvalSettings):
 
 
 def run_e4t(w: World, identity, settings: EvalSettings, steps: int):
-    from e4tcli.io.concept import save_concept
+    from e4tcli.io.concept import load_concept, save_concept
     from e4tcli.models.loading import backbone_features
     from e4tcli.training.tune import TuneSettings, tune_concept
     from e4t_minifaces import minifaces_domain
@@ -188,13 +202,15 @@ def run_e4t(w: World, identity, settings: EvalSettings, steps: int):
         tune = domain.tune
         tuning = TuneSettings(
             steps=steps, learning_rate=settings.e4t_learning_rate or tune.learning_rate, batch_size=tune.batch_size, resolution=world.RESOLUTION,
-            lambda_emb=tune.lambda_emb, lambda_weights=domain.lambda_weights, seed=0,
+            lambda_emb=tune.lambda_emb if settings.e4t_lambda_emb is None else settings.e4t_lambda_emb, lambda_weights=domain.lambda_weights, seed=0,
         )
         tune_concept(model, reference, features, domain.prompt_templates, tuning, DDPMScheduler.from_config(model.base.scheduler_config))
     seconds = time.perf_counter() - started
-    images = sample_e4t(model, features, settings)
-    with tempfile.TemporaryDirectory() as tmp:
-        size = save_concept(Path(tmp) / "c.safetensors", {**model.concept_state_dict(), "image_features": features[0]}, {})
+    with tempfile.TemporaryDirectory() as tmp:  # generate from the concept file, as 'e4t generate' does
+        path = Path(tmp) / "c.safetensors"
+        size = save_concept(path, {**model.concept_state_dict(), "image_features": features[0]}, {})
+        concept = load_concept(path)
+    images = sample_e4t(w.concept_model(concept.model_tensors()), concept.image_features, settings)
     return images, seconds, size
 
 
