@@ -6,7 +6,7 @@ A *scene* is what prompts control: the background colour and the horizontal
 position. Captions describe the scene and the coarse class ("face"), never the
 identity, as a real base model does not know your cat. With
 ``describe_attributes`` (an experiment; the shipped base model was trained
-without it), some captions also name one to three of the seven attributes ("a
+without it), 90% of captions also name one to three (mostly three) of the seven attributes ("a
 face with blue eyes and spiky hair"), never enough to pin down an identity:
 closer to Stable Diffusion, which has words for appearance but has never been
 told who anyone is.
