@@ -48,7 +48,7 @@ demo-tiny: $(STAMP)
 	    --out $(DEMO)/chelsea.safetensors
 	$(BIN)/e4t generate $(DEMO)/chelsea.safetensors "S* as an astronaut" --num-images 4 --steps 20 --out outputs/tiny
 
-# Rebuild the miniature world's shipped weights from scratch (about 1.4 h on 2 CPU cores).
+# Rebuild the miniature world's shipped weights from scratch (about 1 h on 2 CPU cores).
 minifaces: $(STAMP)
 	$(BIN)/python -m e4t_minifaces.build --work .cache/minifaces-build
 

@@ -5,9 +5,9 @@ torch: registering a domain must stay cheap, so a domain holds factories
 (callables that import what they need when called), not objects.
 """
 
-from e4tcli.domain import PLACEHOLDER, Domain, OffsetDefaults, PhaseDefaults
+from e4tcli.domain import PLACEHOLDER, Domain, EncoderDefaults, OffsetDefaults, PhaseDefaults
 from e4tcli.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["Domain", "OffsetDefaults", "PhaseDefaults", "PLACEHOLDER", "hookimpl", "__version__"]
+__all__ = ["Domain", "EncoderDefaults", "OffsetDefaults", "PhaseDefaults", "PLACEHOLDER", "hookimpl", "__version__"]

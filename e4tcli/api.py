@@ -35,9 +35,9 @@ class PretrainOptions:
     """Weight-offset kind, rank and layers; each defaults to the domain's ``offsets``."""
     offset_rank: Optional[int] = None
     offset_layers: Optional[str] = None
-    encoder_hidden_dim: int = 768
-    encoder_scale: float = 0.1
-    """s in ``S* = emb(class word) + s * offset``."""
+    encoder_hidden_dim: Optional[int] = None
+    encoder_scale: Optional[float] = None
+    """s in ``S* = emb(class word) + s * offset``; both default to the domain's ``encoder``."""
     device: Optional[str] = None
     precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -129,8 +129,8 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         backbone_layers=EncoderConfig.every_second_layer(vision.num_hidden_layers),
         unet_channels=unet_channels(base.unet),
         embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1],
-        hidden_dim=options.encoder_hidden_dim,
-        scale=options.encoder_scale,
+        hidden_dim=options.encoder_hidden_dim or domain.encoder.hidden_dim,
+        scale=options.encoder_scale if options.encoder_scale is not None else domain.encoder.scale,
     )
     offset_config = OffsetConfig(
         kind=options.offsets or domain.offsets.kind,
@@ -159,8 +159,9 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
     if accelerator.is_main_process:
         write_recipe(run_dir / "recipe.yaml", recipe)
     losses, checkpoint = pretrain_domain(
-        model, backbone, dataset, domain.prompt_templates, settings, training_scheduler(base), run_dir, config,
-        accelerator, preprocess=None, resume=resume, on_step=on_step,
+        model, backbone, dataset, domain.pretrain_templates or domain.prompt_templates, settings,
+        training_scheduler(base), run_dir, config, accelerator, preprocess=None, resume=resume, on_step=on_step,
+        fallback_templates=domain.prompt_templates,
     )
     skipped = len(getattr(dataset, "skipped", []))
     return PretrainResult(checkpoint, settings.steps, time.perf_counter() - start, losses, skipped)

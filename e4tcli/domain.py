@@ -37,6 +37,16 @@ class OffsetDefaults:
 
 
 @dataclass(frozen=True)
+class EncoderDefaults:
+    """The encoder a domain pre-trains (``e4t pretrain --encoder-hidden-dim/--encoder-scale``)."""
+
+    hidden_dim: int = 768
+    """Width of the encoder's head."""
+    scale: float = 0.1
+    """s in ``S* = emb(class word) + s * offset``: how far a unit of the encoder's output moves the word."""
+
+
+@dataclass(frozen=True)
 class Domain:
     """A family of concepts (faces, cats, art styles...) e4t can personalize.
 
@@ -68,6 +78,13 @@ class Domain:
     loss_mask: Optional[Callable[[Any], Any]] = None
     """``loss_mask(PIL image) -> PIL "L" image`` weighting the loss (e.g. the face region)."""
     offsets: OffsetDefaults = field(default_factory=OffsetDefaults)
+    encoder: EncoderDefaults = field(default_factory=EncoderDefaults)
+    pretrain_templates: tuple[str, ...] = ()
+    """Pre-training prompts when they must differ from the tuning ones (default: ``prompt_templates``).
+    Useful when the dataset's metadata names what varies between its images (say the
+    background) and the user's one image always shows the same: pre-training can then
+    name it with ``{fields}``, so the encoder's word need not carry it. Images without
+    the fields fall back to the first of ``prompt_templates`` without fields."""
     checkpoint: Optional[str] = None
     """Where the pre-trained domain checkpoint lives (hub id or folder), if published."""
     extra: dict = field(default_factory=dict)
@@ -78,7 +95,7 @@ class Domain:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (PhaseDefaults, OffsetDefaults)):
+            if isinstance(value, (PhaseDefaults, OffsetDefaults, EncoderDefaults)):
                 value = {g.name: getattr(value, g.name) for g in fields(value)}
             elif callable(value):
                 value = f"{value.__module__}.{getattr(value, '__qualname__', repr(value))}"
@@ -136,18 +153,13 @@ def validate_domain(domain: Any) -> list[str]:
     if not templates or isinstance(templates, str):
         problems.append("missing field 'prompt_templates' (a tuple of prompts containing 'S*')")
     else:
-        for template in templates:
-            if PLACEHOLDER not in template:
-                problems.append(f"prompt template '{template}' does not contain '{PLACEHOLDER}'")
-            try:
-                names = template_fields(template)
-            except ValueError as error:
-                problems.append(f"prompt template '{template}' has malformed {{fields}} ({error})")
-                continue
-            if any(not name.isidentifier() for name in names):
-                problems.append(f"prompt template '{template}' may only use named fields like {{style}}")
+        problems += template_problems(templates)
         if not any(PLACEHOLDER in t and not _has_fields(t) for t in templates if isinstance(t, str)):
             problems.append("prompt_templates needs at least one template without {fields} (used for tuning)")
+    if isinstance(domain.pretrain_templates, str):
+        problems.append("'pretrain_templates' must be a tuple of prompts containing 'S*', not one string")
+    else:
+        problems += template_problems(domain.pretrain_templates)
     for phase_name in ("pretrain", "tune"):
         phase = getattr(domain, phase_name)
         if not isinstance(phase, PhaseDefaults):
@@ -158,6 +170,14 @@ def validate_domain(domain: Any) -> list[str]:
             if not isinstance(value, (int, float)) or value < 0 or (value == 0 and f.name != "lambda_emb"):
                 problems.append(f"{phase_name}.{f.name} must be a positive number, got {value!r}")
     offsets = domain.offsets
+    encoder = domain.encoder
+    if not isinstance(encoder, EncoderDefaults):
+        problems.append("'encoder' must be an EncoderDefaults")
+    else:
+        if not isinstance(encoder.hidden_dim, int) or encoder.hidden_dim < 1:
+            problems.append(f"encoder.hidden_dim must be a positive integer, got {encoder.hidden_dim!r}")
+        if not isinstance(encoder.scale, (int, float)) or encoder.scale <= 0:
+            problems.append(f"encoder.scale must be a positive number, got {encoder.scale!r}")
     if not isinstance(offsets, OffsetDefaults):
         problems.append("'offsets' must be an OffsetDefaults")
     else:
@@ -174,6 +194,22 @@ def validate_domain(domain: Any) -> list[str]:
     for name in ("preprocess", "loss_mask"):
         if getattr(domain, name) is not None and not callable(getattr(domain, name)):
             problems.append(f"'{name}' must be callable or None")
+    return problems
+
+
+def template_problems(templates) -> list[str]:
+    problems = []
+    for template in templates:
+        if not isinstance(template, str) or PLACEHOLDER not in template:
+            problems.append(f"prompt template '{template}' does not contain '{PLACEHOLDER}'")
+            continue
+        try:
+            names = template_fields(template)
+        except ValueError as error:
+            problems.append(f"prompt template '{template}' has malformed {{fields}} ({error})")
+            continue
+        if any(not name.isidentifier() for name in names):
+            problems.append(f"prompt template '{template}' may only use named fields like {{style}}")
     return problems
 
 

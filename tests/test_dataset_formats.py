@@ -429,7 +429,8 @@ def test_art_prompts_use_the_wikiart_style_name(wikiart_root):
     assert prompts["Ukiyo_e/katsushika-hokusai_the-great-wave.jpg"] == styled[0].format(style="Ukiyo e")
     assert prompts["Baroque/rembrandt_self-portrait.jpg"] == styled[0].format(style="Baroque")
     plain_folder = ImageFolder(wikiart_root / "Baroque")
-    assert not hasattr(plain_folder, "metadata")
+    assert plain_folder.metadata(0) == {}, "a folder without metadata.jsonl has no fields"
+    assert sample_prompt(styled[0], plain_folder.metadata(0), "plain S*") == "plain S*"
     assert sample_prompt(styled[0], None, "plain S*") == "plain S*"
 
 

@@ -49,3 +49,39 @@ def test_missing_or_empty_folder_is_a_usage_error(tmp_path):
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(UsageError, match="no readable images"):
         ImageFolder(tmp_path)
+
+
+def test_metadata_jsonl_gives_each_image_its_own_fields(tmp_path):
+    """Fields follow the image actually read: a file that fails to decode is replaced by the next one,
+    and the prompt must then use the replacement's fields."""
+    from e4tcli.training.pretrain import sample_prompt
+
+    save(tmp_path / "a.png", np.full((4, 4, 3), 10, np.uint8))
+    save(tmp_path / "sub" / "b.png", np.full((4, 4, 3), 20, np.uint8))
+    save(tmp_path / "sub" / "c.png", np.full((4, 4, 3), 30, np.uint8))
+    (tmp_path / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "background": "red"}\n\n{"file_name": "sub/b.png", "background": "dark_blue"}\n'
+    )
+    folder = ImageFolder(tmp_path)
+    by_name = {p.name: i for i, p in enumerate(folder.paths)}
+    assert folder.metadata(by_name["a.png"]) == {"background": "red"}
+    assert folder.metadata(by_name["c.png"]) == {}, "an image the file does not list has no fields"
+    image, fields = folder.sample(by_name["b.png"])
+    assert np.asarray(image).max() == 20 and fields == {"background": "dark_blue"}
+    template = "S* on a {background} background"
+    assert sample_prompt(template, fields, "S*") == "S* on a dark blue background"
+    assert sample_prompt(template, folder.metadata(by_name["c.png"]), "S*") == "S*"
+
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    save(tmp_path / "a.png", noisy)
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(data[: len(data) // 2])
+    image, fields = folder.sample(by_name["a.png"])  # sorted paths: a.png, sub/b.png, sub/c.png
+    assert np.asarray(image).max() == 20 and fields == {"background": "dark_blue"}
+
+
+def test_a_malformed_metadata_line_is_a_usage_error_naming_the_line(tmp_path):
+    save(tmp_path / "a.png", np.full((4, 4, 3), 10, np.uint8))
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{"style": "no file name"}\n')
+    with pytest.raises(UsageError, match="metadata.jsonl, line 2"):
+        ImageFolder(tmp_path)

@@ -97,6 +97,21 @@ def test_template_without_placeholder_is_rejected():
     assert registry.names() == [] and "does not contain 'S*'" in registry.problems[0]
 
 
+def test_pretrain_templates_are_checked_like_prompt_templates():
+    body = """
+    @hookimpl
+    def register_domains(register):
+        register(make("fine", pretrain_templates=("S* on a {background} background",)))
+        register(make("noplaceholder", pretrain_templates=("a dog on a {background} background",)))
+        register(make("onestring", pretrain_templates="S* on a {background} background"))
+    """
+    registry = load_registry([("pt", module_from("pt", body))], use_entry_points=False)
+    assert registry.names() == ["fine"]
+    problems = sorted(registry.problems)
+    assert len(problems) == 2
+    assert "does not contain 'S*'" in problems[0] and "not one string" in problems[1]
+
+
 def test_hook_that_raises_costs_only_its_plugin():
     raising = """
     @hookimpl

@@ -229,3 +229,47 @@ def test_a_tensor_fp16_cannot_hold_stays_fp32():
     assert stored["small"].dtype == torch.float16
     assert stored["huge"].dtype == torch.float32 and stored["huge"][0].item() == 1e5
     assert stored["ids"].dtype == torch.int64
+
+
+def test_pretraining_prompts_come_from_pretrain_templates_filled_from_metadata(
+    tiny_sd, tiny_backbone, photo_folder, cats_domain, tmp_path, monkeypatch
+):
+    """An image listed in metadata.jsonl gets a pre-training template with its own field; one
+    not listed falls back to the tuning templates' first plain one; tuning's other templates never appear.
+    The encoder is the domain's (``EncoderDefaults``) when no option overrides it."""
+    import dataclasses
+    import shutil
+
+    from e4tcli import EncoderDefaults, api
+    from e4tcli.io.checkpoint import load_checkpoint
+    from e4tcli.training import pretrain as pretrain_module
+
+    data = tmp_path / "data"
+    shutil.copytree(photo_folder, data)
+    backgrounds = {"chelsea.png": "red", "coffee.png": "dark_blue"}
+    (data / "metadata.jsonl").write_text(
+        "".join(f'{{"file_name": "{name}", "background": "{value}"}}\n' for name, value in backgrounds.items())
+    )
+    domain = dataclasses.replace(
+        cats_domain,
+        prompt_templates=("plain S*", "S* on gray"),
+        pretrain_templates=("S* on a {background} background",),
+        encoder=EncoderDefaults(hidden_dim=24, scale=0.5),
+    )
+    seen = []
+    original = pretrain_module.make_batch
+
+    def spy(model, mean, std, features, samples, noise_scheduler, prompts):
+        seen.extend(prompts)
+        return original(model, mean, std, features, samples, noise_scheduler, prompts)
+
+    monkeypatch.setattr(pretrain_module, "make_batch", spy)
+    result = api.pretrain(api.PretrainOptions(
+        data=str(data), out=str(tmp_path / "run"), base_model=str(tiny_sd), backbone=str(tiny_backbone),
+        steps=6, batch_size=4, resolution=64,
+    ), domain)
+    encoder = load_checkpoint(result.checkpoint).config["encoder"]
+    assert (encoder["hidden_dim"], encoder["scale"]) == (24, 0.5)
+    assert len(seen) == 24
+    assert set(seen) <= {"S* on a red background", "S* on a dark blue background", "plain S*"}
+    assert {"S* on a red background", "S* on a dark blue background", "plain S*"} <= set(seen), seen

@@ -62,10 +62,10 @@ def pretrain(
         typer.Option("--offset-layers", help="'attention' (q, k, v; the paper) or 'attention+resnets' (default: the domain's)."),
     ] = None,
     encoder_hidden_dim: Annotated[
-        Optional[int], typer.Option("--encoder-hidden-dim", min=1, help="Width of the encoder head (default 768).")
+        Optional[int], typer.Option("--encoder-hidden-dim", min=1, help="Width of the encoder head (default: the domain's).")
     ] = None,
     encoder_scale: Annotated[
-        Optional[float], typer.Option("--encoder-scale", min=0.0, help="s in S* = emb(class) + s * offset (default 0.1).")
+        Optional[float], typer.Option("--encoder-scale", min=0.0, help="s in S* = emb(class) + s * offset (default: the domain's).")
     ] = None,
     gradient_accumulation: Annotated[
         Optional[int], typer.Option("--gradient-accumulation", min=1, help="Micro-batches per optimizer step.")

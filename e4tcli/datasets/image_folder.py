@@ -1,11 +1,13 @@
 """A folder of images, searched recursively, that never crashes on a bad file."""
 
+import json
 from pathlib import Path
 from typing import Union
 
 from e4tcli.errors import UsageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+METADATA_NAME = "metadata.jsonl"
 
 
 def load_rgb(path: Union[str, Path]):
@@ -23,6 +25,11 @@ class ImageFolder:
     Files whose header cannot be read are dropped while scanning. A file that
     fails later, while decoding, is counted in ``skipped`` and replaced by the
     next readable image, so a long training run never dies on one bad file.
+
+    An optional ``metadata.jsonl`` at the root (one JSON object per line, its
+    ``file_name`` relative to the root, the convention of HuggingFace's
+    imagefolder) gives images fields for the domain's prompt templates:
+    ``{"file_name": "a/001.png", "background": "red"}``.
     """
 
     def __init__(self, root: Union[str, Path]):
@@ -41,6 +48,7 @@ class ImageFolder:
                 self.skipped.append(path)
                 continue
             self.paths.append(path)
+        self.fields = read_metadata(self.root)
         if not self.paths:
             raise UsageError(
                 f"no readable images (jpg, png, webp) under {self.root}"
@@ -52,14 +60,45 @@ class ImageFolder:
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        return self.sample(index)[0]
+
+    def metadata(self, index: int) -> dict:
+        return self._fields_of(self.paths[index])
+
+    def sample(self, index: int) -> tuple:
+        """``(image, metadata)`` of the image actually read (the next readable one if ``index``'s fails)."""
         for offset in range(len(self.paths)):
             path = self.paths[(index + offset) % len(self.paths)]
             try:
-                return load_rgb(path)
+                return load_rgb(path), self._fields_of(path)
             except Exception:
                 if path not in self.skipped:
                     self.skipped.append(path)
         raise UsageError(f"no image under {self.root} could be decoded", hint="check the dataset files")
+
+    def _fields_of(self, path: Path) -> dict:
+        return dict(self.fields.get(path.relative_to(self.root).as_posix(), {}))
+
+
+def read_metadata(root: Path) -> dict[str, dict]:
+    """``metadata.jsonl`` as ``{file_name: fields}`` (empty when there is none)."""
+    source = root / METADATA_NAME
+    if not source.is_file():
+        return {}
+    fields = {}
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row.pop("file_name")
+        except (ValueError, KeyError, AttributeError, TypeError):
+            raise UsageError(
+                f"{source}, line {number}: not a JSON object with a 'file_name'",
+                hint='write one object per line, e.g. {"file_name": "001.png", "style": "cubism"}',
+            ) from None
+        fields[Path(name).as_posix()] = row
+    return fields
 
 
 def image_folder(path: Union[str, Path]) -> ImageFolder:

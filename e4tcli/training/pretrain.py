@@ -264,8 +264,12 @@ def pretrain_domain(
     preprocess: Optional[Callable] = None,
     resume: Optional[Path] = None,
     on_step: Optional[Callable[[int, object], None]] = None,
+    fallback_templates: Sequence[str] = (),
 ) -> tuple[list[dict], Path]:
-    """Train the encoder and the shared offsets; return each step's losses and the last checkpoint."""
+    """Train the encoder and the shared offsets; return each step's losses and the last checkpoint.
+
+    An image lacking a template's fields is prompted with the first of ``prompt_templates``
+    without fields, or of ``fallback_templates`` when every one has fields."""
     keep_trainable_weights_fp32(accelerator)
     world = accelerator.num_processes
     per_device, remainder = divmod(settings.batch_size, world * settings.gradient_accumulation)
@@ -318,7 +322,7 @@ def pretrain_domain(
         return folder
 
     plan = functools.partial(plan_step, settings=settings, indices=train_indices, templates=prompt_templates)
-    plain = plain_templates(prompt_templates)
+    plain = plain_templates(prompt_templates) or plain_templates(tuple(fallback_templates))
     with_metadata = any(template_fields(template) for template in prompt_templates)
     cache = None
     if settings.cache_features:

@@ -13,7 +13,8 @@ already there, so an interrupted build continues where it stopped):
             one identity are a positive pair (our stand-in for a pretrained
             CLIP, which knows faces without being told about identities)
   domain    ``e4t pretrain --domain minifaces`` on portraits of training
-            identities, with e4t's own pre-training code
+            identities on random backgrounds (named in the folder's
+            metadata.jsonl), with e4t's own pre-training code
   reader    the benchmark's attribute reader (see ``e4t_minifaces.reader``)
   install   fp16 copies into the package (``e4t_minifaces/weights``)
 
@@ -53,7 +54,7 @@ class BuildSettings:
     domain_steps: int = 1000
     domain_images: int = 3000
     reader_steps: int = 1000
-    caption_attributes: bool = False
+    caption_attributes: bool = True
     """Base-model captions sometimes name a few identity attributes (``world.samples(describe_attributes=...)``)."""
     attention_everywhere: bool = False
     """The base UNet also cross-attends at 16x16 (``models.new_unet``)."""
@@ -242,15 +243,22 @@ def train_backbone(settings: BuildSettings) -> None:
 
 # --------------------------------------------------------------------------- domain
 def write_portraits(folder: Path, count: int, seed: int) -> None:
+    """Centred portraits of training identities, each on a random background, which
+    ``metadata.jsonl`` names for the domain's ``{background}`` templates."""
     from e4tcli.io.atomic import atomic_folder
 
     if folder.exists():
         return
     rng = random.Random(seed)
+    rows = []
     with atomic_folder(folder) as tmp:
         for i in range(count):
             identity = world.random_identity(rng)
-            world.portrait(identity).save(tmp / f"{i:05d}-{identity.index:04d}.png")
+            background = rng.choice(list(world.BACKGROUNDS))
+            name = f"{i:05d}-{identity.index:04d}.png"
+            world.render(identity, world.Scene(background, "center")).save(tmp / name)
+            rows.append(json.dumps({"file_name": name, "background": background}) + "\n")
+        (tmp / "metadata.jsonl").write_text("".join(rows))
 
 
 def pretrain_domain(settings: BuildSettings) -> None:
@@ -261,7 +269,7 @@ def pretrain_domain(settings: BuildSettings) -> None:
     latest = out / "latest"
     if latest.exists() and latest.read_text().strip() == f"checkpoint-{settings.domain_steps:07d}":
         return
-    portraits = settings.work / "portraits"
+    portraits = settings.work / "scene-portraits"
     write_portraits(portraits, settings.domain_images, settings.seed + 5)
     domain = minifaces_domain()
     options = api.PretrainOptions(
@@ -271,7 +279,6 @@ def pretrain_domain(settings: BuildSettings) -> None:
         backbone=str(settings.work / "backbone"),
         steps=settings.domain_steps,
         seed=settings.seed,
-        encoder_hidden_dim=domain.extra["encoder_hidden_dim"],
         checkpoint_every=250,
         keep_last=1,
         cache_features=True,
