@@ -85,3 +85,7 @@ def test_a_malformed_metadata_line_is_a_usage_error_naming_the_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{"style": "no file name"}\n')
     with pytest.raises(UsageError, match="metadata.jsonl, line 2"):
         ImageFolder(tmp_path)
+    for line in ('{"file_name": 7}', '["a.png"]', "not json"):
+        (tmp_path / "metadata.jsonl").write_text(line + "\n")
+        with pytest.raises(UsageError, match="metadata.jsonl, line 1"):
+            ImageFolder(tmp_path)

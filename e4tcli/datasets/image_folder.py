@@ -91,13 +91,13 @@ def read_metadata(root: Path) -> dict[str, dict]:
             continue
         try:
             row = json.loads(line)
-            name = row.pop("file_name")
+            name = Path(row.pop("file_name")).as_posix()
         except (ValueError, KeyError, AttributeError, TypeError):
             raise UsageError(
                 f"{source}, line {number}: not a JSON object with a 'file_name'",
                 hint='write one object per line, e.g. {"file_name": "001.png", "style": "cubism"}',
             ) from None
-        fields[Path(name).as_posix()] = row
+        fields[name] = row
     return fields
 
 
