@@ -62,7 +62,8 @@ class Domain:
     """Training prompts, each containing the placeholder ``S*``. A template may name
     fields of the dataset's per-image metadata, e.g. ``"a {style} painting by S*"``:
     pre-training fills them when the dataset has ``metadata(i)``; tuning (a user's
-    image has no metadata) uses only the templates without fields."""
+    image has no metadata) uses only the templates without fields. ``pretrain_templates``,
+    when set, replaces them in pre-training."""
     base_model: str
     """Default text-to-image model: a hub id or a local diffusers folder."""
     backbone: str
@@ -156,8 +157,8 @@ def validate_domain(domain: Any) -> list[str]:
         problems += template_problems(templates)
         if not any(PLACEHOLDER in t and not _has_fields(t) for t in templates if isinstance(t, str)):
             problems.append("prompt_templates needs at least one template without {fields} (used for tuning)")
-    if isinstance(domain.pretrain_templates, str):
-        problems.append("'pretrain_templates' must be a tuple of prompts containing 'S*', not one string")
+    if not isinstance(domain.pretrain_templates, (tuple, list)):
+        problems.append("'pretrain_templates' must be a tuple of prompts containing 'S*'")
     else:
         problems += template_problems(domain.pretrain_templates)
     for phase_name in ("pretrain", "tune"):

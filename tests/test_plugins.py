@@ -104,12 +104,15 @@ def test_pretrain_templates_are_checked_like_prompt_templates():
         register(make("fine", pretrain_templates=("S* on a {background} background",)))
         register(make("noplaceholder", pretrain_templates=("a dog on a {background} background",)))
         register(make("onestring", pretrain_templates="S* on a {background} background"))
+        register(make("none", pretrain_templates=None))
     """
     registry = load_registry([("pt", module_from("pt", body))], use_entry_points=False)
     assert registry.names() == ["fine"]
     problems = sorted(registry.problems)
-    assert len(problems) == 2
-    assert "does not contain 'S*'" in problems[0] and "not one string" in problems[1]
+    assert len(problems) == 3
+    assert "plugin 'pt'" in problems[0]
+    assert sum("does not contain 'S*'" in p for p in problems) == 1
+    assert sum("'pretrain_templates' must be a tuple" in p for p in problems) == 2
 
 
 def test_hook_that_raises_costs_only_its_plugin():
