@@ -4,10 +4,14 @@ Held-out identities (never seen by the base model, the backbone or the domain
 pre-training) are each personalized from ONE reference portrait, then drawn
 on four prompted backgrounds with the same seeds for every method. An
 attribute reader, trained on generator output only, says what each image
-shows. Identity score: share of the 7 identity attributes matching the
-reference. Prompt fidelity: share of images with the prompted background.
+shows. Identity score ("own"): share of the 7 identity attributes matching the
+reference. Margin: own minus the score of the same images against the other
+evaluated identities (0 for a method that ignores the reference), with its
+standard error over identities. Swap: share of identity pairs (A, B) whose
+B-images match B better than A (0.5 when the reference is ignored). Prompt
+fidelity: share of images with the prompted background.
 
-    python bench/minifaces_quality.py                 # the README table (all methods, 8 identities)
+    python bench/minifaces_quality.py                 # the README table (all methods, 16 identities)
     python bench/minifaces_quality.py --methods base,e4t-5 --identities 3
     python bench/minifaces_quality.py --grid docs/minifaces-grid.png   # also save a picture of E4T-5's output
 """
@@ -54,7 +58,7 @@ def save_grid(path: Path, rows: list[list]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=ALL_METHODS)
-    parser.add_argument("--identities", type=int, default=8)
+    parser.add_argument("--identities", type=int, default=16)
     parser.add_argument("--seeds-per-prompt", type=int, default=2)
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--e4t-lr", type=float, help="E4T's tuning learning rate (default: the domain's)")
@@ -86,7 +90,9 @@ def main(argv=None) -> int:
     rows = [
         {
             "method": s.method,
-            "identity": s.identity,
+            "own": s.identity,
+            "margin": f"{s.margin:+.3f} ± {s.margin_stderr:.3f}",
+            "swap": s.swap,
             "prompt fidelity": s.fidelity,
             "tune s": s.tune_seconds,
             "concept": human_size(s.concept_bytes),

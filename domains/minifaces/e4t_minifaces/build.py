@@ -50,12 +50,17 @@ class BuildSettings:
     base_steps: int = 2500
     base_batch: int = 32
     base_lr: float = 1e-3
+    base_refine_steps: int = 0
+    """A second round from the first round's saved model, fresh optimizer (0: none)."""
+    base_refine_lr: float = 3e-4
     backbone_steps: int = 400
     domain_steps: int = 1000
     domain_images: int = 3000
     reader_steps: int = 1000
     caption_attributes: bool = True
     """Base-model captions sometimes name a few identity attributes (``world.samples(describe_attributes=...)``)."""
+    full_descriptions: bool = False
+    """...most of them every visible attribute (``world.FULL_DESCRIPTION_WEIGHTS``, an experiment)."""
     attention_everywhere: bool = False
     """The base UNet also cross-attends at 16x16 (``models.new_unet``)."""
     threads: int = 0
@@ -121,35 +126,25 @@ def train_vae(settings: BuildSettings) -> None:
 
 
 # --------------------------------------------------------------------------- base
-def train_base(settings: BuildSettings) -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTokenizer
+def fit_base(unet, text_encoder, vae, tokenizer, settings: BuildSettings, steps: int, lr: float, warmup: int, seed: int, stage: str) -> None:
+    """Train UNet and text encoder jointly on captioned generator images; the weights end as their EMA."""
+    from diffusers import DDPMScheduler
 
-    from e4tcli.clip_bpe import write_tokenizer_files
-    from e4tcli.io.atomic import atomic_folder
-    from e4tcli.tiny import write_model_index
     from e4tcli.training.step import diffusion_target
 
-    out = settings.work / "base"
-    if out.exists():
-        return
-    vae = AutoencoderKL.from_pretrained(settings.work / "vae", torch_dtype=torch.float32).eval()
-    tokenizer_dir = write_tokenizer_files(settings.work / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(settings.seed)
-    unet, text_encoder = models.new_unet(settings.attention_everywhere), models.new_text_encoder()
     unet.train()
     text_encoder.train()
     trained = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in trained]
-    optimizer = torch.optim.AdamW(trained, lr=settings.base_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, settings.base_steps))
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     noise_scheduler = DDPMScheduler.from_config(models.new_scheduler().config)
-    samples = world.samples(settings.seed + 3, describe_attributes=settings.caption_attributes)
-    rng = random.Random(settings.seed)
+    weights = world.FULL_DESCRIPTION_WEIGHTS if settings.full_descriptions else world.DESCRIBED_COUNT_WEIGHTS
+    samples = world.samples(seed + 3, describe_attributes=settings.caption_attributes, description_weights=weights)
+    rng = random.Random(seed)
     started = time.perf_counter()
     running = None
-    for step in range(settings.base_steps):
+    for step in range(steps):
         pixels, items = batch_pixels(samples, settings.base_batch)
         captions = ["" if rng.random() < 0.1 else item.caption for item in items]
         with torch.no_grad():
@@ -171,14 +166,20 @@ def train_base(settings: BuildSettings) -> None:
             for average, p in zip(ema, trained):
                 average.lerp_(p.detach(), 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0 or step == settings.base_steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             rate = (time.perf_counter() - started) / (step + 1)
-            log("base", f"step {step} loss {running:.4f} ({rate:.2f} s/step, {rate * (settings.base_steps - step - 1) / 60:.0f} min left)")
+            log(stage, f"step {step} loss {running:.4f} ({rate:.2f} s/step, {rate * (steps - step - 1) / 60:.0f} min left)")
     with torch.no_grad():
         for average, p in zip(ema, trained):
             p.copy_(average)
     unet.eval()
     text_encoder.eval()
+
+
+def save_base(unet, text_encoder, settings: BuildSettings, tokenizer_dir: Path, out: Path) -> None:
+    from e4tcli.io.atomic import atomic_folder
+    from e4tcli.tiny import write_model_index
+
     with atomic_folder(out) as tmp:
         save_fp16(unet, tmp / "unet")
         save_fp16(text_encoder, tmp / "text_encoder")
@@ -187,6 +188,34 @@ def train_base(settings: BuildSettings) -> None:
         scheduler = models.new_scheduler()
         scheduler.save_pretrained(tmp / "scheduler")
         write_model_index(tmp, type(scheduler).__name__)
+
+
+def train_base(settings: BuildSettings) -> None:
+    """Two rounds: ``base_steps`` from scratch (saved as ``base-round1``), then ``base_refine_steps`` more from
+    that saved model with a fresh optimizer and a lower learning rate (``base``), each round resumable."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from e4tcli.clip_bpe import write_tokenizer_files
+
+    out, first = settings.work / "base", settings.work / "base-round1"
+    if out.exists():
+        return
+    vae = AutoencoderKL.from_pretrained(settings.work / "vae", torch_dtype=torch.float32).eval()
+    tokenizer_dir = write_tokenizer_files(settings.work / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    if not first.exists():
+        torch.manual_seed(settings.seed)
+        unet, text_encoder = models.new_unet(settings.attention_everywhere), models.new_text_encoder()
+        fit_base(unet, text_encoder, vae, tokenizer, settings, settings.base_steps, settings.base_lr, 200, settings.seed, "base")
+        save_base(unet, text_encoder, settings, tokenizer_dir, first if settings.base_refine_steps else out)
+    if settings.base_refine_steps:
+        unet = UNet2DConditionModel.from_pretrained(first / "unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(first / "text_encoder", torch_dtype=torch.float32)
+        torch.manual_seed(settings.seed + 7)
+        fit_base(unet, text_encoder, vae, tokenizer, settings, settings.base_refine_steps, settings.base_refine_lr, 50,
+                 settings.seed + 7, "base (round 2)")
+        save_base(unet, text_encoder, settings, tokenizer_dir, out)
 
 
 # --------------------------------------------------------------------------- backbone
@@ -285,12 +314,16 @@ def pretrain_domain(settings: BuildSettings) -> None:
         device="cpu",
         resume="latest" if latest.exists() else None,  # an interrupted build continues exactly
     )
-    started = time.perf_counter()
+    first = None
 
     def on_step(step, losses):
-        if step % 50 == 0 or step == settings.domain_steps:
-            rate = (time.perf_counter() - started) / max(step, 1)
-            log("domain", f"step {step} loss {losses.as_floats()['denoising']:.4f} ({rate:.2f} s/step)")
+        nonlocal first
+        if first is None:  # a resumed build starts past step 1; its rate counts from here
+            first = (step, time.perf_counter())
+        if step % 100 == 0 or step == settings.domain_steps:
+            rate = (time.perf_counter() - first[1]) / max(step - first[0], 1)
+            left = rate * (settings.domain_steps - step) / 60
+            log("domain", f"step {step} loss {losses.as_floats()['denoising']:.4f} ({rate:.2f} s/step, {left:.0f} min left)")
 
     api.pretrain(options, domain, on_step=on_step)
 

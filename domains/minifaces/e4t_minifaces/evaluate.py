@@ -7,11 +7,19 @@ background"). The attribute reader then says what each image shows:
 - identity score: the share of the reference identity's visible attributes
   (all seven; six for a bald face, whose hair colour does not show) that the
   image matches, averaged over images and identities;
+- identity margin: that score minus the mean score of the same images against
+  the OTHER evaluated identities. A method that ignores the reference (the base
+  model) scores 0 by construction, and drawing one typical face cannot raise
+  it; reported with its standard error over identities;
+- swap check: the share of ordered pairs (A, B) of evaluated identities where
+  the images made from B's portrait match B better than A (ties count half;
+  0.5 for a method that ignores the reference);
 - prompt fidelity: the share of images whose background is the prompted one.
 
 Methods (same seeds, prompts, sampler and guidance for all):
   base        no personalization: the class word in place of S*
   e4t-N       the pre-trained domain encoder + weight offsets, tuned N steps (0: encoder only)
+  e4t-encoder-N  the same with the pre-trained offsets frozen: only the encoder is tuned
   ti-N        Textual Inversion: one new word embedding, N steps
   dreambooth-N  the whole UNet fine-tuned N steps on "sks face" (no prior preservation)
 """
@@ -60,10 +68,18 @@ class EvalSettings:
 class MethodScore:
     method: str
     identity: float
+    """Own score: mean share of the reference's visible attributes that the images show."""
+    margin: float
+    """Own score minus the mean score of the same images against the other evaluated identities."""
+    margin_stderr: float
+    """Standard error of ``margin`` over identities."""
+    swap: float
+    """Share of ordered pairs (A, B) whose B-images match B better than A (ties count half)."""
     fidelity: float
     tune_seconds: float
     concept_bytes: int
     per_identity: list[float] = field(default_factory=list, repr=False)
+    per_identity_margin: list[float] = field(default_factory=list, repr=False)
 
 
 def held_out_identities(count: int, seed: int) -> list[world.Identity]:
@@ -89,14 +105,15 @@ def initial_latents(count: int, seed: int, shape: tuple[int, ...]) -> torch.Tens
 class World:
     """The shipped models, loaded once; every method gets a fresh copy of what it changes."""
 
-    def __init__(self, weights: Path, device: str = "cpu"):
+    def __init__(self, weights: Path, device: str = "cpu", checkpoint: Optional[Path] = None):
+        """``checkpoint``: a domain checkpoint or pre-training run folder (default: the one in ``weights``)."""
         from e4tcli.device import choose_placement
         from e4tcli.io.checkpoint import load_checkpoint
         from e4tcli.models.loading import load_backbone
 
         self.weights = Path(weights)
         self.placement = choose_placement(device, "fp32")
-        self.checkpoint = load_checkpoint(self.weights / "checkpoint")
+        self.checkpoint = load_checkpoint(checkpoint or self.weights / "checkpoint")
         self.backbone = load_backbone(str(self.weights / "backbone"), self.placement.device, self.placement.dtype)
         self.reader, self.reader_accuracy = load_reader(self.weights / "reader.safetensors")
         self.plain = self.load_base()
@@ -185,7 +202,12 @@ def run_base(w: World, identity, settings: EvalSettings):
     return sample_plain(plain_pipeline(w.plain), prompts, settings, w.latent_shape), 0.0, 0
 
 
-def run_e4t(w: World, identity, settings: EvalSettings, steps: int):
+def run_e4t_encoder_tuned(w: World, identity, settings: EvalSettings, steps: int):
+    """E4T with the pre-trained weight offsets frozen: only the encoder is tuned (a diagnosis)."""
+    return run_e4t(w, identity, settings, steps, tune_offsets=False)
+
+
+def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True):
     from e4tcli.io.concept import load_concept, save_concept
     from e4tcli.models.loading import backbone_features
     from e4tcli.training.tune import TuneSettings, tune_concept
@@ -199,12 +221,20 @@ def run_e4t(w: World, identity, settings: EvalSettings, steps: int):
     if steps:
         from diffusers import DDPMScheduler
 
+        from e4tcli.models.weight_offsets import offset_parameters
+
+        for parameter in offset_parameters(model.offsets):
+            parameter.requires_grad_(tune_offsets)
         tune = domain.tune
         tuning = TuneSettings(
             steps=steps, learning_rate=settings.e4t_learning_rate or tune.learning_rate, batch_size=tune.batch_size, resolution=world.RESOLUTION,
             lambda_emb=tune.lambda_emb if settings.e4t_lambda_emb is None else settings.e4t_lambda_emb, lambda_weights=domain.lambda_weights, seed=0,
         )
-        tune_concept(model, reference, features, domain.prompt_templates, tuning, DDPMScheduler.from_config(model.base.scheduler_config))
+        try:
+            tune_concept(model, reference, features, domain.prompt_templates, tuning, DDPMScheduler.from_config(model.base.scheduler_config))
+        finally:
+            for parameter in offset_parameters(model.offsets):
+                parameter.requires_grad_(True)
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:  # generate from the concept file, as 'e4t generate' does
         path = Path(tmp) / "c.safetensors"
@@ -300,43 +330,78 @@ def run_dreambooth(w: World, identity, settings: EvalSettings, steps: int):
     return images, seconds, size
 
 
+METHODS = {
+    "e4t": run_e4t,
+    "e4t-encoder": run_e4t_encoder_tuned,
+    "ti": run_textual_inversion,
+    "dreambooth": run_dreambooth,
+}
+
+
 def run_method(w: World, method: str, identity, settings: EvalSettings):
-    name, _, steps = method.partition("-")
-    runners = {"e4t": run_e4t, "ti": run_textual_inversion, "dreambooth": run_dreambooth}
-    if name == "base":
+    name, _, steps = method.rpartition("-")
+    if method == "base":
         return run_base(w, identity, settings)
-    if name not in runners or not steps.isdigit():
-        raise ValueError(f"unknown method '{method}' (base, e4t-N, ti-N, dreambooth-N)")
+    if name not in METHODS or not steps.isdigit():
+        raise ValueError(f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, ti-N, dreambooth-N)")
+    runners = METHODS
     return runners[name](w, identity, settings, int(steps))
 
 
 # --------------------------------------------------------------------------- scoring
-def score_images(w: World, identity: world.Identity, images: list, backgrounds: list[str]) -> tuple[float, float]:
-    read = read_images(w.reader, images)
+def identity_score(read: dict[str, np.ndarray], identity: world.Identity) -> float:
+    """Mean share of ``identity``'s visible attributes that the read images show."""
     reference = identity.labels()
-    shown = identity.visible()
-    identity_matches = np.mean([[read[name][i] == reference[name] for name in shown] for i in range(len(images))])
-    wanted = [world.SCENE_CHOICES["background"].index(b) for b in backgrounds]
-    fidelity = np.mean(read["background"] == np.array(wanted))
-    return float(identity_matches), float(fidelity)
+    return float(np.mean([read[name] == reference[name] for name in identity.visible()]))
+
+
+@dataclass
+class IdentityScores:
+    own: np.ndarray
+    """Per identity i: the score of i's images against i."""
+    margin: np.ndarray
+    """Per identity i: own minus the mean score of i's images against every other identity."""
+    swap: float
+
+
+def cross_scores(reads: list[dict[str, np.ndarray]], identities: list[world.Identity]) -> IdentityScores:
+    """``reads[i]``: what identity i's images show. Scores every image set against every identity."""
+    count = len(identities)
+    matrix = np.array([[identity_score(read, other) for other in identities] for read in reads])
+    own = np.diag(matrix).copy()
+    others = ~np.eye(count, dtype=bool)
+    margin = own - np.array([matrix[i][others[i]].mean() for i in range(count)]) if count > 1 else np.zeros(count)
+    wins = (own[:, None] > matrix) + 0.5 * (own[:, None] == matrix)
+    swap = float(wins[others].mean()) if count > 1 else 0.5
+    return IdentityScores(own, margin, swap)
+
+
+def stderr(values) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def evaluate(w: World, methods: list[str], settings: EvalSettings, on_images=None) -> list[MethodScore]:
     identities = held_out_identities(settings.identities, settings.seed)
     backgrounds = [b for _, b in scene_prompts(settings)]
+    wanted = np.array([world.SCENE_CHOICES["background"].index(b) for b in backgrounds])
     scores = []
     for method in methods:
-        identity_scores, fidelities, seconds, size = [], [], [], 0
+        reads, fidelities, seconds, size = [], [], [], 0
         for identity in identities:
             images, tune_seconds, size = run_method(w, method, identity, settings)
-            identity_score, fidelity = score_images(w, identity, images, backgrounds)
-            identity_scores.append(identity_score)
-            fidelities.append(fidelity)
+            read = read_images(w.reader, images)
+            reads.append(read)
+            fidelities.append(float(np.mean(read["background"] == wanted)))
             seconds.append(tune_seconds)
             if on_images is not None:
                 on_images(method, identity, images)
+        cross = cross_scores(reads, identities)
         scores.append(
-            MethodScore(method, float(np.mean(identity_scores)), float(np.mean(fidelities)), float(np.median(seconds)), size, identity_scores)
+            MethodScore(
+                method, float(cross.own.mean()), float(cross.margin.mean()), stderr(cross.margin), cross.swap,
+                float(np.mean(fidelities)), float(np.median(seconds)), size, cross.own.tolist(), cross.margin.tolist(),
+            )
         )
     return scores
 

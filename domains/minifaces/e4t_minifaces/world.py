@@ -3,13 +3,13 @@
 An *identity* is a combination of seven attributes (head shape, skin colour,
 eye colour, eye spacing, mouth, hair style, hair colour): 8,640 identities.
 A *scene* is what prompts control: the background colour and the horizontal
-position. Captions describe the scene and the coarse class ("face"), never the
-identity, as a real base model does not know your cat. With
-``describe_attributes`` (an experiment; the shipped base model was trained
-without it), 90% of captions also name one to three (mostly three) of the seven attributes ("a
-face with blue eyes and spiky hair"), never enough to pin down an identity:
-closer to Stable Diffusion, which has words for appearance but has never been
-told who anyone is.
+position. Captions describe the scene and the coarse class ("face"). With
+``describe_attributes`` (the shipped base model's captions), 90% of captions
+also name one to three (mostly three) of the seven attributes ("a face with
+blue eyes and spiky hair"), as Stable Diffusion has words for appearance;
+``description_weights=FULL_DESCRIPTION_WEIGHTS`` (an experiment) names every
+visible attribute in most captions. No caption ever describes a held-out
+identity's image: the base model has never seen those faces.
 
 Identities are split by their index: every 7th is held out (never drawn for
 training the base model or the domain), so the benchmark personalizes faces
@@ -152,16 +152,21 @@ ATTRIBUTE_PHRASES = {
     "hair_colour": lambda value: f"{value} hair",
 }
 DESCRIBED_COUNT_WEIGHTS = (1, 1, 2, 6)
-"""How often a caption names 0, 1, 2 or 3 attributes: mostly three, so that each attribute's words are
-in about a third of the captions (rarer words, in a sixth, never bound: README, "Does it work?")."""
+"""How often a caption names 0, 1, 2 or 3 attributes (the shipped base model's captions): mostly three, so
+that each attribute's words are in about a third of the captions (rarer words, in a sixth, never bound)."""
+FULL_DESCRIPTION_WEIGHTS = (1, 0, 0, 2, 0, 0, 0, 7)
+"""An experiment (``build --full-descriptions``): 70% of captions name every visible attribute, 20% three,
+10% none, so that each attribute's words are in about 80% of the captions (docs/minifaces.md)."""
 MAX_DESCRIBED = len(DESCRIBED_COUNT_WEIGHTS) - 1
-"""A caption names at most this many of an identity's seven attributes."""
+"""A caption of the shipped base names at most this many of an identity's seven attributes."""
 
 
-def describe(identity: Identity, rng: random.Random) -> str:
-    """None to MAX_DESCRIBED randomly chosen visible attributes as words: "blue eyes and spiky hair" (or "")."""
-    count = rng.choices(range(len(DESCRIBED_COUNT_WEIGHTS)), DESCRIBED_COUNT_WEIGHTS)[0]
-    names = rng.sample(identity.visible(), count)
+def describe(identity: Identity, rng: random.Random, weights: tuple[int, ...] = DESCRIBED_COUNT_WEIGHTS) -> str:
+    """Randomly chosen visible attributes as words, "blue eyes and spiky hair", or "" (none); ``weights[n]``
+    is how often n are asked for (all that are visible when there are fewer)."""
+    count = rng.choices(range(len(weights)), weights)[0]
+    visible = identity.visible()
+    names = rng.sample(visible, min(count, len(visible)))
     return " and ".join(ATTRIBUTE_PHRASES[name](getattr(identity, name)) for name in names)
 
 
@@ -245,7 +250,10 @@ class Sample:
     scene: Scene
 
 
-def samples(seed: int, held_out: bool = False, describe_attributes: bool = False) -> Iterator[Sample]:
+def samples(
+    seed: int, held_out: bool = False, describe_attributes: bool = False,
+    description_weights: tuple[int, ...] = DESCRIBED_COUNT_WEIGHTS,
+) -> Iterator[Sample]:
     """An endless, seeded stream of captioned images of random identities in random scenes."""
     rng = random.Random(seed)
     words = random.Random(f"describe:{seed}")  # its own stream: the images are the same either way
@@ -253,7 +261,7 @@ def samples(seed: int, held_out: bool = False, describe_attributes: bool = False
         identity = random_identity(rng, held_out)
         scene = random_scene(rng)
         image = render(identity, scene, jitter=rng.randrange(1, 2**31))
-        description = describe(identity, words) if describe_attributes else ""
+        description = describe(identity, words, description_weights) if describe_attributes else ""
         yield Sample(image, caption(scene, rng, description), identity, scene)
 
 
