@@ -344,8 +344,7 @@ def run_method(w: World, method: str, identity, settings: EvalSettings):
         return run_base(w, identity, settings)
     if name not in METHODS or not steps.isdigit():
         raise ValueError(f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, ti-N, dreambooth-N)")
-    runners = METHODS
-    return runners[name](w, identity, settings, int(steps))
+    return METHODS[name](w, identity, settings, int(steps))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -376,7 +375,7 @@ def cross_scores(reads: list[dict[str, np.ndarray]], identities: list[world.Iden
     return IdentityScores(own, margin, swap)
 
 
-def stderr(values) -> float:
+def standard_error(values) -> float:
     values = np.asarray(values, dtype=float)
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
@@ -399,7 +398,7 @@ def evaluate(w: World, methods: list[str], settings: EvalSettings, on_images=Non
         cross = cross_scores(reads, identities)
         scores.append(
             MethodScore(
-                method, float(cross.own.mean()), float(cross.margin.mean()), stderr(cross.margin), cross.swap,
+                method, float(cross.own.mean()), float(cross.margin.mean()), standard_error(cross.margin), cross.swap,
                 float(np.mean(fidelities)), float(np.median(seconds)), size, cross.own.tolist(), cross.margin.tolist(),
             )
         )
