@@ -7,7 +7,7 @@ then scores each with ``e4t_minifaces.evaluate`` on the held-out identities
 (the same identities, prompts, seeds and reader as ``bench/minifaces_quality.py``).
 
     python bench/minifaces_curve.py --work .cache/curve --steps 4000 --evaluate-at 250,1000,2000,4000
-    python bench/minifaces_curve.py --work .cache/curve --portraits 50000 --minutes 20   # stop after 20 min of training
+    python bench/minifaces_curve.py --work .cache/curve --portraits 50000 --minutes 20   # stop pre-training after 20 min (loading and feature cache included)
 
 An interrupted run continues from its last checkpoint when started again with
 the same ``--work``. ``--minutes`` stops training after that long and scores
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--weights", type=Path, help="a folder with base/, backbone/ and reader.safetensors (default: the installed minifaces package's)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--minutes", type=float, default=0.0, help="stop training after this long (0: never)")
+    parser.add_argument("--minutes", type=float, default=0.0, help="stop pre-training this long after the start, loading and feature cache included (0: never)")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_common_args(parser)
     args = parser.parse_args(argv)
