@@ -12,16 +12,22 @@ $(STAMP): pyproject.toml domains/faces/pyproject.toml domains/cats/pyproject.tom
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e ".[test]" -e domains/faces -e domains/cats -e domains/art -e domains/minifaces
+	$(BIN)/pip install -q -e . -e domains/faces -e domains/cats -e domains/art -e domains/minifaces
 	$(BIN)/pip install -q --no-deps clip-anytorch
 	touch $(STAMP)
+
+# What only the test suite needs (pytest, and every optional extra: bitsandbytes, lmdb, tensorboard).
+TEST_STAMP := $(VENV)/.test-installed
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
 
 # DeepSpeed for the ZeRO tests (only `make test` needs it), beside the torch already installed: its
 # build would otherwise pull a CUDA torch into an isolated environment. Its CPU communication op is
 # compiled here, once (about a minute), rather than inside the first test that launches it.
 DEEPSPEED_STAMP := $(VENV)/.deepspeed
 DEEPSPEED_DEPS  := einops hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic tqdm
-$(DEEPSPEED_STAMP): $(STAMP)
+$(DEEPSPEED_STAMP): $(TEST_STAMP)
 	$(BIN)/pip install -q $(DEEPSPEED_DEPS)
 	$(BIN)/pip install -q --no-build-isolation --no-deps deepspeed==0.19.8
 	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
@@ -32,9 +38,9 @@ $(DEEPSPEED_STAMP): $(STAMP)
 DEMO    := .cache/demo
 EXAMPLE := domains/minifaces/e4t_minifaces/examples/mira.png
 demo: $(STAMP)
-	$(BIN)/e4t tune $(EXAMPLE) --domain minifaces --out $(DEMO)/mira.safetensors
-	$(BIN)/e4t generate $(DEMO)/mira.safetensors "a S* on a red background" --num-images 4 --out outputs/red
-	$(BIN)/e4t generate $(DEMO)/mira.safetensors "a S* on a yellow background, on the left" --num-images 4 --out outputs/yellow
+	$(BIN)/e4t tune $(EXAMPLE) --domain minifaces --out $(DEMO)/mira.safetensors --force
+	$(BIN)/e4t generate $(DEMO)/mira.safetensors "a S* on a red background" --num-images 4 --out outputs/red --force
+	$(BIN)/e4t generate $(DEMO)/mira.safetensors "a S* on a yellow background, on the left" --num-images 4 --out outputs/yellow --force
 
 # The Stable Diffusion code path on tiny random-weight models (the pictures are noise):
 # pre-train a cats checkpoint for 20 steps, tune it on one photo, generate.
@@ -43,16 +49,16 @@ demo-tiny: $(STAMP)
 	$(BIN)/python scripts/demo_photos.py $(DEMO)/photos
 	$(BIN)/e4t pretrain --domain cats --data $(DEMO)/photos --out $(DEMO)/cats-checkpoint \
 	    --base-model $(DEMO)/models/sd --backbone $(DEMO)/models/backbone \
-	    --steps 20 --batch-size 4 --resolution 64 --encoder-hidden-dim 64
+	    --steps 20 --batch-size 4 --resolution 64 --encoder-hidden-dim 64 --force
 	$(BIN)/e4t tune $(DEMO)/photos/chelsea.png --domain cats --checkpoint $(DEMO)/cats-checkpoint \
-	    --out $(DEMO)/chelsea.safetensors
-	$(BIN)/e4t generate $(DEMO)/chelsea.safetensors "S* as an astronaut" --num-images 4 --steps 20 --out outputs/tiny
+	    --out $(DEMO)/chelsea.safetensors --force
+	$(BIN)/e4t generate $(DEMO)/chelsea.safetensors "S* as an astronaut" --num-images 4 --steps 20 --out outputs/tiny --force
 
 # Rebuild the miniature world's shipped weights from scratch (about 1 h on 2 CPU cores).
 minifaces: $(STAMP)
 	$(BIN)/python -m e4t_minifaces.build --work .cache/minifaces-build
 
-test: $(STAMP) $(DEEPSPEED_STAMP)
+test: $(TEST_STAMP) $(DEEPSPEED_STAMP)
 	$(BIN)/python -m pytest -q
 
 completions: $(STAMP)

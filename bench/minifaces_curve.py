@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     json_out = reserve_stdout_for_json(args.json)
 
     from e4tcli import api
-    from e4tcli.training.pretrain import Interrupted
+    from e4tcli.memory import peak_rss_mb
+    from e4tcli.stopping import Interrupted
     from e4t_minifaces import WEIGHTS, minifaces_domain
     from e4t_minifaces.build import write_portraits
     from e4t_minifaces.evaluate import EvalSettings, World, evaluate
@@ -67,14 +68,15 @@ def main(argv=None) -> int:
         data=str(portraits), out=str(run), base_model=str(weights / "base"), backbone=str(weights / "backbone"),
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, lambda_emb=args.lambda_emb,
         checkpoint_every=every, keep_last=10**6, cache_features=True, device=args.device, precision="fp32",
-        resume="latest" if (run / "latest").exists() else None,
+        resume="latest" if (run / "latest").exists() else None, force=True,
     )
     started = time.perf_counter()
     log = (args.work / "train.log").open("a")
 
     def on_step(step, losses):
         if step % 100 == 0:
-            print(json.dumps({"step": step, "seconds": round(time.perf_counter() - started, 1), **losses.as_floats()}), file=log, flush=True)
+            record = {"step": step, "seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": peak_rss_mb()}
+            print(json.dumps({**record, **losses.as_floats()}), file=log, flush=True)
         if args.minutes and time.perf_counter() - started > args.minutes * 60:
             os.kill(os.getpid(), signal.SIGINT)  # pre-training saves a resumable checkpoint and stops
 

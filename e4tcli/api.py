@@ -5,14 +5,17 @@ by hand), and returns a result dataclass; none prints. ``on_step`` callbacks
 receive (step, losses) for progress display.
 """
 
+import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from e4tcli import __version__
 from e4tcli.domain import PLACEHOLDER, Domain
 from e4tcli.errors import UsageError
+from e4tcli.io.destinations import check_new_file, check_output_folder, check_run_folder, free_names
+from e4tcli.io.sources import portable_source, recorded_source
 
 OnStep = Optional[Callable[[int, object], None]]
 
@@ -53,6 +56,8 @@ class PretrainOptions:
     ema_decay: float = 0.0
     lambda_emb: Optional[float] = None
     lambda_weights: Optional[float] = None
+    force: bool = False
+    """Start over in an ``out`` folder that already holds files (without it: an error, or ``resume``)."""
 
 
 @dataclass
@@ -118,6 +123,8 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
 
     start = time.perf_counter()
     run_dir = Path(options.out)
+    if os.environ.get("RANK", "0") == "0":  # the other processes find the files rank 0 writes
+        check_run_folder(run_dir, options.resume, options.force)
     resume = resolve_resume(run_dir, options.resume) if options.resume else None
     dataset = domain.dataset(options.data)
     accelerator, placement = make_accelerator(options.device, options.precision, options.gradient_accumulation)
@@ -149,8 +156,8 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
     config = {
         "domain": domain.name,
         "class_word": domain.class_word,
-        "base_model": {"source": base.source, "fingerprint": base.fingerprint},
-        "backbone": {"source": backbone.source, "fingerprint": backbone.fingerprint},
+        "base_model": {"source": portable_source(base.source, domain.name, domain.base_model), "fingerprint": base.fingerprint},
+        "backbone": {"source": portable_source(backbone.source, domain.name, domain.backbone), "fingerprint": backbone.fingerprint},
         **model.describe(),
         "training": {**asdict(settings), "precision": options.precision, "processes": accelerator.num_processes},
         "recipe": recipe,
@@ -196,6 +203,8 @@ class TuneOptions:
     lambda_weights: Optional[float] = None
     save_precision: str = "fp16"
     """How the concept file stores its tensors: fp16 (half the size) or fp32."""
+    force: bool = False
+    """Replace an existing ``out`` file."""
 
 
 @dataclass
@@ -268,6 +277,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
     out = Path(options.out) if options.out else Path(options.image).with_suffix(".e4t.safetensors")
     if out.suffix != ".safetensors":
         raise UsageError(f"concept files end in .safetensors, got '{out}'", hint="pass --out NAME.safetensors")
+    check_new_file(out, options.force)
     checkpoint_dir = resolve_checkpoint(domain, options.checkpoint)
     checkpoint = load_checkpoint(checkpoint_dir)
     config = checkpoint.config
@@ -311,9 +321,12 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
         "domain": domain.name,
         "class_word": domain.class_word,
         "token": PLACEHOLDER,
-        "base_model": config["base_model"] | {"source": base.source},
+        "base_model": config["base_model"] | {"source": portable_source(base.source, domain.name, domain.base_model)},
         "backbone": config["backbone"],
-        "checkpoint": {"source": str(checkpoint.folder), "fingerprint": checkpoint.fingerprint},
+        "checkpoint": {
+            "source": portable_source(options.checkpoint or domain.checkpoint, domain.name, domain.checkpoint),
+            "fingerprint": checkpoint.fingerprint,
+        },
         **model.describe(),
         "tuning": asdict(settings),
         "image": Path(options.image).name,
@@ -340,6 +353,11 @@ class GenerateOptions:
     base_model: Optional[str] = None
     device: Optional[str] = None
     precision: str = "auto"
+    batch_size: Optional[int] = None
+    """Images denoised together (default: ``default_batch_size``); the pixels do not depend on it."""
+    force: bool = False
+    """Replace images of the same names in ``out`` (without it, a run whose names are taken writes
+    ``NAME-runK.png``)."""
 
 
 @dataclass
@@ -348,6 +366,27 @@ class GenerateResult:
     grid: Optional[Path]
     seconds: float
     seed: int
+    renamed: bool = False
+    """The usual names were taken, so the images are ``NAME-runK.png``."""
+
+
+def default_batch_size(device_type: str, height: int, width: int) -> int:
+    """8 images of 512x512 at once on a GPU (fewer for larger images), 4 on a CPU: large enough to keep
+    the device busy, small enough that memory stays flat and little is lost to an interruption."""
+    if device_type == "cpu":
+        return 4
+    budget = 8 * 512 * 512 if device_type == "cuda" else 2 * 512 * 512
+    return max(1, min(8, budget // (height * width)))
+
+
+class GenerationProgress:
+    """What ``generate`` reports while it runs (the CLI draws a progress bar from it)."""
+
+    def start(self, images: int, steps_per_batch: int, batches: int) -> None: ...
+
+    def denoising_step(self) -> None: ...
+
+    def image_written(self, path: Path) -> None: ...
 
 
 def load_concept_model(concept_path: str, base_model: Optional[str], placement):
@@ -370,15 +409,21 @@ def load_concept_model(concept_path: str, base_model: Optional[str], placement):
     return model, concept
 
 
-def generate(options: GenerateOptions) -> GenerateResult:
+def generate(options: GenerateOptions, progress: Optional[GenerationProgress] = None) -> GenerateResult:
+    """Images written batch by batch as they finish; SIGINT/SIGTERM stop the run, keeping them."""
     from e4tcli.device import choose_placement
     from e4tcli.io.atomic import atomic_file
-    from e4tcli.pipeline import SamplingSettings, generate_images, image_grid
+    from e4tcli.pipeline import GRID_MAX_SIDE, SamplingSettings, Stopped, build_pipeline, generate_images, image_grid
+    from e4tcli.stopping import Interrupted, StopRequest
 
     start = time.perf_counter()
-    for name in ("num_images", "steps"):
-        if getattr(options, name) < 1:
+    progress = progress or GenerationProgress()
+    for name in ("num_images", "steps", "batch_size"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    out = Path(options.out)
+    check_output_folder(out)
     placement = choose_placement(options.device, options.precision)
     model, concept = load_concept_model(options.concept, options.base_model, placement)
     resolution = concept.info["tuning"]["resolution"]
@@ -394,24 +439,48 @@ def generate(options: GenerateOptions) -> GenerateResult:
     )
     if settings.height % 8 or settings.width % 8:
         raise UsageError(f"--height and --width must be multiples of 8 (got {settings.height}x{settings.width})")
-    images = generate_images(model, concept.image_features, settings)
-
-    out = Path(options.out)
+    batch_size = options.batch_size or default_batch_size(placement.device.type, settings.height, settings.width)
     stem = Path(options.concept).name.removesuffix(".safetensors").removesuffix(".e4t")
-    paths = []
-    for i, image in enumerate(images):
-        path = out / f"{stem}-{settings.seed + i}.png"
-        metadata = png_metadata(settings, concept, model.base.source, seed=settings.seed + i)
-        with atomic_file(path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=png_info(metadata))
-        paths.append(path)
+    count = settings.num_images
+    grid_name = [f"{stem}-{settings.seed}-grid.png"] if count > 1 else []
+    names, renamed = free_names(out, [f"{stem}-{settings.seed + i}.png" for i in range(count)] + grid_name, options.force)
+    base_source = portable_source(model.base.source, concept.info["domain"], installed_base_model(concept.info["domain"]))
+    pipe = build_pipeline(model)
+    batches = range(0, count, batch_size)
+    progress.start(count, settings.steps, len(batches))
+    paths: list[Path] = []
+    with StopRequest() as stop:
+
+        def on_step() -> None:
+            if stop.signal_name:
+                raise Stopped
+            progress.denoising_step()
+
+        try:
+            for first in batches:
+                batch = replace(settings, seed=settings.seed + first, num_images=min(batch_size, count - first))
+                images = generate_images(model, concept.image_features, batch, pipe, on_step=on_step)
+                for i, image in enumerate(images):
+                    path = out / names[first + i]
+                    metadata = png_metadata(settings, concept, base_source, seed=batch.seed + i)
+                    with atomic_file(path) as tmp:
+                        image.save(tmp, format="PNG", pnginfo=png_info(metadata))
+                    paths.append(path)
+                    progress.image_written(path)
+                if stop.signal_name:
+                    raise Stopped
+        except Stopped:
+            raise Interrupted(
+                f"stopped by {stop.signal_name}: {len(paths)} of {count} images written to {out}",
+                signal_name=stop.signal_name,
+                hint=f"the rest start at --seed {settings.seed + len(paths)} -n {count - len(paths)}",
+            ) from None
     grid = None
-    if len(images) > 1:
-        grid = out / f"{stem}-{settings.seed}-grid.png"
+    if grid_name:
+        grid = out / names[-1]
         with atomic_file(grid) as tmp:
-            grid_metadata = png_metadata(settings, concept, model.base.source, seed=settings.seed)
-            image_grid(images).save(tmp, format="PNG", pnginfo=png_info(grid_metadata))
-    return GenerateResult(paths, grid, time.perf_counter() - start, settings.seed)
+            image_grid(paths, max_side=GRID_MAX_SIDE).save(tmp, format="PNG", pnginfo=png_info(png_metadata(settings, concept, base_source, seed=settings.seed)))
+    return GenerateResult(paths, grid, time.perf_counter() - start, settings.seed, renamed)
 
 
 def png_metadata(settings, concept, base_source: str, seed: int) -> dict[str, str]:
@@ -445,20 +514,6 @@ def png_info(metadata: dict[str, str]):
 
 
 # --------------------------------------------------------------------------- shared
-def recorded_source(recorded: str, fallback) -> str:
-    """The model source a checkpoint or concept recorded, or the domain's default when that was a
-    local folder that is not here (weights shipped inside a plugin package installed elsewhere).
-
-    ``fallback`` is a source or a function returning one (or None). The fingerprint check that
-    follows every load makes sure the fallback is the same model.
-    """
-    if Path(recorded).is_absolute() and not Path(recorded).exists():
-        chosen = fallback() if callable(fallback) else fallback
-        if chosen:
-            return chosen
-    return recorded
-
-
 def installed_base_model(domain_name: str) -> Optional[str]:
     from e4tcli.plugins import load_registry
 

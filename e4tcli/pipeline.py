@@ -8,6 +8,8 @@ step from the current latent, as E4T's encoder is conditioned on ``z_t``.
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -66,8 +68,18 @@ def initial_latents(model: E4TModel, settings: SamplingSettings) -> torch.Tensor
     return torch.cat(noise).to(model.unet.dtype)
 
 
+class Stopped(Exception):
+    """Raised by an ``on_step`` callback to abandon the images being denoised."""
+
+
 @torch.no_grad()
-def generate_images(model: E4TModel, image_features: torch.Tensor, settings: SamplingSettings, pipe=None) -> list:
+def generate_images(
+    model: E4TModel, image_features: torch.Tensor, settings: SamplingSettings, pipe=None,
+    on_step: Optional[Callable[[], None]] = None,
+) -> list:
+    """``settings.num_images`` images denoised together; image i uses seed ``settings.seed + i`` (its
+    noise and its sampler's randomness), so a run split into batches gives the same images.
+    ``on_step`` is called after every denoising step (it may raise ``Stopped``)."""
     pipe = pipe or build_pipeline(model)
     device, count = model.placement.device, settings.num_images
     guided = settings.guidance > 1.0
@@ -89,6 +101,8 @@ def generate_images(model: E4TModel, image_features: torch.Tensor, settings: Sam
     first = conditional_states(scheduler.scale_model_input(latents * scheduler.init_noise_sigma, timesteps[0]), timesteps[0])
 
     def on_step_end(pipeline, index, _timestep, tensors):
+        if on_step is not None:
+            on_step()
         if index + 1 >= len(timesteps):
             return {}
         upcoming = timesteps[index + 1]
@@ -112,13 +126,28 @@ def generate_images(model: E4TModel, image_features: torch.Tensor, settings: Sam
     return result.images
 
 
-def image_grid(images: list):
+GRID_MAX_SIDE = 4096
+"""``e4t generate`` scales a grid of many images down to at most this many pixels a side."""
+
+
+def image_grid(images: Sequence, max_side: Optional[int] = None):
+    """The images side by side in a near-square grid. ``images`` are PIL images, or paths, read one at a
+    time (memory then does not grow with their number); ``max_side`` scales large grids down."""
     from PIL import Image
+
+    def opened(item):
+        if isinstance(item, (str, Path)):
+            with Image.open(item) as image:
+                return image.convert("RGB")
+        return item
 
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    width, height = opened(images[0]).size
+    scale = min(1.0, max_side / max(columns * width, rows * height)) if max_side else 1.0
+    tile = (max(1, round(width * scale)), max(1, round(height * scale)))
+    grid = Image.new("RGB", (columns * tile[0], rows * tile[1]), "white")
+    for i, item in enumerate(images):
+        image = opened(item)
+        grid.paste(image if scale == 1.0 else image.resize(tile), ((i % columns) * tile[0], (i // columns) * tile[1]))
     return grid

@@ -1,6 +1,9 @@
 """The CLI end to end on a tiny model: pretrain -> tune -> generate, and every bad input."""
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,8 +41,11 @@ def test_pretrain_and_tune_report_json(world):
     final = world["checkpoint"] / "checkpoint-0000002"
     assert world["pretrained"]["checkpoint"] == str(final)
     assert world["pretrained"]["steps"] == 2 and np.isfinite(world["pretrained"]["final_loss"])
+    import importlib.util
+
+    tensorboard = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []  # the test extra has it
     assert sorted(p.name for p in world["checkpoint"].iterdir()) == [
-        "checkpoint-0000002", "latest", "log.jsonl", "recipe.yaml"]
+        "checkpoint-0000002", "latest", "log.jsonl", "recipe.yaml", *tensorboard]
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "optimizer.safetensors"]
     tuned = world["tuned"]
     assert tuned["concept"] == str(world["concept"]) and tuned["steps"] == 3
@@ -137,7 +143,7 @@ def test_nan_loss_stops_and_keeps_the_existing_file(world, photo_folder, tmp_pat
     out.write_bytes(b"precious")
     result = runner.invoke(app, ["tune", str(photo_folder / "chelsea.png"), "--domain", "cats", "--checkpoint",
                                  str(world["checkpoint"]), "--steps", "4", "--batch-size", "2", "--lr", "1e30",
-                                 "--out", str(out)])
+                                 "--out", str(out), "--force"])
     line = one_line_error(result, 1)
     assert "at step" in line and "nothing was written" in line
     assert out.read_bytes() == b"precious"
@@ -238,3 +244,119 @@ def test_unknown_save_precision_is_refused_before_anything_is_written(world, pho
     assert result.exit_code == 2
     assert "--save-precision" in result.output and "fp16, fp32" in result.output
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- nothing replaced, writes explained
+def tune_args(world, photo_folder, out, *extra):
+    return ["tune", str(photo_folder / "chelsea.png"), "--domain", "cats", "--checkpoint", str(world["checkpoint"]),
+            "--steps", "1", "--batch-size", "2", "--out", str(out), *extra]
+
+
+def test_generation_in_batches_gives_the_same_pixels(world):
+    images = {}
+    for batch in (1, 2, 3):
+        out = world["root"] / f"batch-{batch}"
+        result = runner.invoke(app, ["generate", str(world["concept"]), "S* in a box", "-n", "3", "--steps", "2",
+                                     "--batch-size", str(batch), "--out", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+        images[batch] = [np.asarray(Image.open(p)).astype(int) for p in json.loads(result.stdout)["images"]]
+    for batch in (2, 3):
+        # CPU kernels may round a batch differently from a single image, by a level or two
+        assert max(np.abs(a - b).max() for a, b in zip(images[1], images[batch])) <= 2
+    assert np.abs(images[1][0] - images[1][1]).mean() > 5
+
+
+def test_tune_replaces_an_existing_file_only_with_force(world, photo_folder, tmp_path):
+    from e4tcli.io.concept import read_concept_info
+
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"precious")
+    line = one_line_error(runner.invoke(app, tune_args(world, photo_folder, out)), 2)
+    assert str(out) in line and "already exists" in line and "--force" in line
+    assert out.read_bytes() == b"precious"
+    assert runner.invoke(app, tune_args(world, photo_folder, out, "--force")).exit_code == 0
+    assert read_concept_info(out)["domain"] == "cats"
+    (tmp_path / "folder.safetensors").mkdir()
+    line = one_line_error(runner.invoke(app, tune_args(world, photo_folder, tmp_path / "folder.safetensors")), 2)
+    assert "is a folder" in line
+
+
+def test_generate_writes_beside_older_images_unless_forced(world, tmp_path):
+    (tmp_path / "chelsea-0.png").write_bytes(b"old")
+    args = ["generate", str(world["concept"]), "S*", "--steps", "1", "--out", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [p.rsplit("/", 1)[1] for p in json.loads(result.stdout)["images"]] == ["chelsea-0-run2.png"]
+    assert "chelsea-0-run2.png" in result.stderr and "--force" in result.stderr
+    assert (tmp_path / "chelsea-0.png").read_bytes() == b"old"
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    Image.open(tmp_path / "chelsea-0.png").load()
+    line = one_line_error(runner.invoke(app, [*args[:-1], str(tmp_path / "chelsea-0.png")]), 2)
+    assert "is a file, not a folder" in line
+
+
+def test_pretrain_into_a_folder_of_another_run_needs_resume_or_force(world, tiny_sd, tiny_backbone, photo_folder):
+    log = world["checkpoint"] / "log.jsonl"
+    before = log.read_bytes()
+    result = runner.invoke(app, [
+        "pretrain", "--domain", "cats", "--data", str(photo_folder), "--out", str(world["checkpoint"]),
+        "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "1", "--batch-size", "2",
+        "--resolution", "64", "--encoder-hidden-dim", "64",
+    ])
+    line = one_line_error(result, 2)
+    assert "already holds files" in line and "--resume latest" in line and "--force" in line
+    assert log.read_bytes() == before
+
+
+@pytest.mark.parametrize("code, advice", [
+    (errno.ENOSPC, "free some disk space"), (errno.EACCES, "may write to"), (errno.EROFS, "read-only"),
+    (errno.EFBIG, "ulimit -f"),
+])
+def test_a_refused_write_is_one_plain_line_and_the_old_file_survives(world, photo_folder, tmp_path, monkeypatch,
+                                                                     code, advice):
+    import safetensors.torch
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a concept")
+        raise OSError(code, os.strerror(code), filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"precious")
+    line = one_line_error(runner.invoke(app, tune_args(world, photo_folder, out, "--force")), 1)
+    assert line.startswith(f"e4t: error: could not write {out}: {os.strerror(code).lower()}") and advice in line
+    assert "unexpected" not in line
+    assert out.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["mine.safetensors"]
+
+
+def test_a_full_disk_while_generating_keeps_no_half_image(world, tmp_path, monkeypatch):
+    def failing_save(image, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half an image")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    line = one_line_error(runner.invoke(app, ["generate", str(world["concept"]), "S*", "--steps", "1",
+                                              "--out", str(tmp_path)]), 1)
+    assert f"could not write {tmp_path / 'chelsea-0.png'}: no space left on device" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_size_limit_stops_tune_with_one_line(world, photo_folder, tmp_path):
+    """A real refusal from the kernel: RLIMIT_FSIZE makes writes past the limit fail with EFBIG."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"precious")
+    result = subprocess.run([sys.executable, "-m", "e4tcli", *tune_args(world, photo_folder, out, "--force")],
+                            capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"e4t: error: could not write {out}: file too large"), result.stderr
+    assert out.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["mine.safetensors"]

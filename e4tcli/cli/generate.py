@@ -5,8 +5,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from e4tcli.cli.options import BaseModelOption, DeviceOption, JsonFlag, PrecisionOption, SeedOption
-from e4tcli.cli.output import print_json, reports_errors, stdout_console, warn
+from e4tcli.cli.options import BaseModelOption, DeviceOption, ForceFlag, JsonFlag, PrecisionOption, SeedOption
+from e4tcli.cli.output import generation_progress, print_json, reports_errors, stdout_console, warn
 from e4tcli.domain import PLACEHOLDER
 
 
@@ -22,6 +22,11 @@ def generate(
     height: Annotated[Optional[int], typer.Option("--height", min=8, help="Image height (default: the tuning resolution).")] = None,
     width: Annotated[Optional[int], typer.Option("--width", min=8, help="Image width (default: the tuning resolution).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs"),
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", min=1, help="Images denoised at once (default: 4 on a CPU, 8 of 512x512 on a GPU)."),
+    ] = None,
+    force: ForceFlag = False,
     base_model: BaseModelOption = None,
     device: DeviceOption = None,
     precision: PrecisionOption = "auto",
@@ -29,6 +34,9 @@ def generate(
 ) -> None:
     """Generate images of a tuned concept. Image i uses seed SEED+i; a grid is added for several images."""
     from e4tcli import api
+    from e4tcli.cli.quiet import quiet_heavy_imports
+
+    quiet_heavy_imports()
 
     if PLACEHOLDER not in prompt:
         warn(f"the prompt does not contain '{PLACEHOLDER}', so the concept will not appear; generating anyway")
@@ -46,8 +54,14 @@ def generate(
         base_model=base_model,
         device=device,
         precision=precision,
+        batch_size=batch_size,
+        force=force,
     )
-    result = api.generate(options)
+    with generation_progress(enabled=not json_output) as progress:
+        result = api.generate(options, progress)
+    if result.renamed:
+        warn(f"{out} already had images of these names, so these are {result.images[0].name} and on "
+             "(--force replaces the old ones)")
     if json_output:
         print_json(
             {
@@ -55,6 +69,7 @@ def generate(
                 "grid": str(result.grid) if result.grid else None,
                 "seconds": round(result.seconds, 3),
                 "seed": result.seed,
+                "renamed": result.renamed,
             }
         )
         return

@@ -10,6 +10,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on
 DomainOption = Annotated[
     str, typer.Option("--domain", "-d", help="Domain name (see 'e4t domains').", autocompletion=complete_domain)
 ]
+ForceFlag = Annotated[bool, typer.Option("--force", help="Replace what --out already holds under the same names.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
 DeviceOption = Annotated[
     Optional[str], typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: CUDA, then MPS, then CPU).")

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from e4tcli.errors import EXIT_FAILURE, E4TError
+from e4tcli.io.destinations import os_error_message
 from e4tcli.plugins import DomainRegistry, debug_enabled, load_registry
 
 
@@ -122,6 +123,42 @@ def step_progress(total: int, description: str, enabled: bool = True) -> Iterato
         yield on_step
 
 
+@contextmanager
+def generation_progress(enabled: bool = True) -> Iterator[Any]:
+    """A bar over every denoising step of the run, with images written and the time left (stderr,
+    terminals only); yields the ``api.GenerationProgress`` that drives it."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = stderr_console()
+    bar = Progress(
+        TextColumn("Generating"),
+        BarColumn(),
+        TextColumn("{task.fields[written]}/{task.fields[images]} images"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+    )
+
+    class BarProgress:
+        task = None
+        written = 0
+
+        def start(self, images: int, steps_per_batch: int, batches: int) -> None:
+            self.task = bar.add_task("generate", total=steps_per_batch * batches, images=images, written=0)
+
+        def denoising_step(self) -> None:
+            bar.advance(self.task)
+
+        def image_written(self, path) -> None:
+            self.written += 1
+            bar.update(self.task, written=self.written)
+
+    with bar:
+        yield BarProgress()
+
+
 def human_size(size: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
@@ -152,6 +189,9 @@ def reports_errors(command: Callable) -> Callable:
         except Exception as error:
             if debug_enabled():
                 raise
+            plain = os_error_message(error) if isinstance(error, OSError) else None
+            if plain is not None:
+                raise fail(plain) from None
             stderr_console().print(
                 f"e4t: error: unexpected {type(error).__name__}: {error} "
                 "(E4T_DEBUG=1 shows the traceback; please report it)",

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from e4tcli.cli.options import BaseModelOption, DeviceOption, JsonFlag, LambdaEmbOption, LambdaWeightsOption
+from e4tcli.cli.options import BaseModelOption, DeviceOption, ForceFlag, JsonFlag, LambdaEmbOption, LambdaWeightsOption
 from e4tcli.cli.completion import complete_domain, complete_path
 from e4tcli.cli.output import print_json, registry, reports_errors, step_progress, stdout_console, warn
 from e4tcli.domain import OFFSET_KINDS, OFFSET_LAYERS
@@ -102,13 +102,17 @@ def pretrain(
     num_processes: Annotated[
         Optional[int], typer.Option("--num-processes", min=1, help="Start N processes through `accelerate launch`.")
     ] = None,
+    force: ForceFlag = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Pre-train a domain's encoder and weight offsets (resumable; multi-GPU through accelerate)."""
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         _launch_processes(num_processes)
     from e4tcli import api
+    from e4tcli.cli.quiet import quiet_heavy_imports
     from e4tcli.recipe import load_recipe, merge_recipe
+
+    quiet_heavy_imports()
 
     flags = dict(
         domain=domain, data=data, out=str(out) if out else None, base_model=base_model,
@@ -117,7 +121,7 @@ def pretrain(
         gradient_accumulation=gradient_accumulation, checkpoint_every=checkpoint_every, keep_last=keep_last,
         resume=resume, validate_every=validate_every, optimizer=optimizer, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing, workers=workers, cache_features=cache_features,
-        ema_decay=ema_decay, lambda_emb=lambda_emb, lambda_weights=lambda_weights,
+        ema_decay=ema_decay, lambda_emb=lambda_emb, lambda_weights=lambda_weights, force=force,
         validation_images=validation_images,
     )
     settings = merge_recipe(load_recipe(config) if config else {}, flags)

@@ -9,6 +9,7 @@ from e4tcli.cli.options import (
     BaseModelOption,
     DeviceOption,
     DomainOption,
+    ForceFlag,
     JsonFlag,
     LambdaEmbOption,
     LambdaWeightsOption,
@@ -45,10 +46,14 @@ def tune(
     save_precision: Annotated[
         str, typer.Option("--save-precision", help="How the concept file stores its tensors: fp16 (half the size) or fp32.")
     ] = "fp16",
+    force: ForceFlag = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Personalize the domain's model to the concept in IMAGE; write ONE concept file."""
     from e4tcli import api
+    from e4tcli.cli.quiet import quiet_heavy_imports
+
+    quiet_heavy_imports()
 
     entry = registry().get(domain)
     options = api.TuneOptions(
@@ -67,6 +72,7 @@ def tune(
         lambda_emb=lambda_emb,
         lambda_weights=lambda_weights,
         save_precision=save_precision,
+        force=force,
     )
     total = steps if steps is not None else entry.domain.tune.steps
     with step_progress(total, "tuning", enabled=not json_output) as on_step:

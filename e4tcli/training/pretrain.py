@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,13 @@ import torch
 from torch import nn
 
 from e4tcli.domain import PLACEHOLDER, fill_template, plain_templates, template_fields
-from e4tcli.errors import E4TError, RuntimeFailure, UsageError
+from e4tcli.errors import RuntimeFailure, UsageError
 from e4tcli.io.training_state import prune_checkpoints, read_training_state, save_training_checkpoint
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import Backbone, backbone_features
 from e4tcli.models.weight_offsets import share_factors, unshare_factors
+from e4tcli.memory import peak_rss_mb
+from e4tcli.stopping import Interrupted, StopRequest
 from e4tcli.training.data import (
     FeatureCache, MicroBatches, encode_arrays, loader, merge_skipped, next_micro_batch, stop_workers,
 )
@@ -44,12 +45,6 @@ from e4tcli.training.sharding import (
 )
 from e4tcli.training.step import Batch, StepLosses, training_step
 from e4tcli.training.tune import TuneSettings
-
-
-class Interrupted(E4TError):
-    """SIGINT/SIGTERM: a resumable checkpoint was saved (exit code 130)."""
-
-    exit_code = 130
 
 
 @dataclass
@@ -169,35 +164,6 @@ def make_optimizer(parameters, settings: PretrainSettings):
             raise UsageError("--optimizer adamw8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
         return bitsandbytes.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     raise UsageError(f"unknown optimizer '{settings.optimizer}'", hint="use adamw or adamw8bit")
-
-
-class StopRequest:
-    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts at once."""
-
-    def __init__(self):
-        self.signal_name: Optional[str] = None
-        self._first = 0.0
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, number, _frame):
-        """A second Ctrl-C aborts at once; repeated SIGTERMs (schedulers often send several) do not."""
-        if self.signal_name is not None and number == signal.SIGINT and time.monotonic() - self._first > 2.0:
-            raise KeyboardInterrupt
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(number).name
-            self._first = time.monotonic()
-
-    def __exit__(self, *_):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class TrainingLog:
@@ -386,6 +352,7 @@ def pretrain_domain(
                     "step": step, "loss": mean[0], "denoising": mean[1], "embedding": mean[2], "weights": mean[3],
                     "lr": settings.learning_rate, "seconds": round(seconds, 4),
                     "images_per_second": round(settings.batch_size / seconds, 2),
+                    "peak_rss_mb": peak_rss_mb(),
                 }
                 history.append(record)
                 log.write(record)
@@ -409,6 +376,7 @@ def pretrain_domain(
                     raise Interrupted(
                         f"stopped by {stop.signal_name or 'a signal'} after step {step}; "
                         f"resumable checkpoint saved at {last_checkpoint}",
+                        signal_name=stop.signal_name or "SIGINT",
                         hint="continue with the same command and --resume latest",
                     )
     finally:

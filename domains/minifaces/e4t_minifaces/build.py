@@ -313,8 +313,11 @@ def pretrain_domain(settings: BuildSettings) -> None:
         cache_features=True,
         device="cpu",
         resume="latest" if latest.exists() else None,  # an interrupted build continues exactly
+        force=True,  # or starts over, if it stopped before its first checkpoint
     )
     first = None
+
+    from e4tcli.memory import peak_rss_mb
 
     def on_step(step, losses):
         nonlocal first
@@ -323,7 +326,8 @@ def pretrain_domain(settings: BuildSettings) -> None:
         if step % 100 == 0 or step == settings.domain_steps:
             rate = (time.perf_counter() - first[1]) / max(step - first[0], 1)
             left = rate * (settings.domain_steps - step) / 60
-            log("domain", f"step {step} loss {losses.as_floats()['denoising']:.4f} ({rate:.2f} s/step, {left:.0f} min left)")
+            log("domain", f"step {step} loss {losses.as_floats()['denoising']:.4f} ({rate:.2f} s/step, {left:.0f} min left, "
+                          f"peak RSS {peak_rss_mb():.0f} MB)")
 
     api.pretrain(options, domain, on_step=on_step)
 
@@ -346,6 +350,7 @@ def install(settings: BuildSettings) -> None:
 
     from e4tcli.io.atomic import atomic_folder
     from e4tcli.io.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
+    from e4tcli.io.sources import DOMAIN_PREFIX
 
     target = Path(settings.install_to) if settings.install_to else PACKAGE_WEIGHTS
     checkpoint = load_checkpoint(settings.work / "domain")
@@ -356,15 +361,23 @@ def install(settings: BuildSettings) -> None:
         tensors = {name: t.half().contiguous() for name, t in checkpoint.tensors.items()}
         save_file(tensors, str(tmp / "checkpoint" / WEIGHTS_NAME), metadata={"format": "e4t-domain-checkpoint"})
         config = json.loads((checkpoint.folder / CONFIG_NAME).read_text())
-        # where the models will be once installed; e4t falls back to the domain's own folders
-        # when a recorded absolute folder is missing (a clone elsewhere), after a fingerprint check
-        config["base_model"]["source"] = str(target.resolve() / "base")
-        config["backbone"]["source"] = str(target.resolve() / "backbone")
+        # the domain's own models, wherever the package is installed (e4tcli.io.sources)
+        config["base_model"]["source"] = config["backbone"]["source"] = f"{DOMAIN_PREFIX}minifaces"
+        config["recipe"] = portable_recipe(config["recipe"], settings.work)
         (tmp / "checkpoint" / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shutil.copy(settings.work / "reader.safetensors", tmp / "reader.safetensors")
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     log("install", f"{target}: {size / 1e6:.1f} MB")
     write_examples(target.parent / "examples")
+
+
+def portable_recipe(recipe: dict, work: Path) -> dict:
+    """The recipe with the build folder's paths written as ``{work}/...``: no path of the building machine."""
+    root = str(Path(work).resolve())
+    return {
+        key: "{work}" + value[len(root):] if isinstance(value, str) and value.startswith(root) else value
+        for key, value in recipe.items()
+    }
 
 
 EXAMPLE_NAMES = ("mira", "otto", "juno")
