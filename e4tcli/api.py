@@ -478,8 +478,9 @@ def generate(options: GenerateOptions, progress: Optional[GenerationProgress] = 
     grid = None
     if grid_name:
         grid = out / names[-1]
+        metadata = png_metadata(settings, concept, base_source, seed=settings.seed)
         with atomic_file(grid) as tmp:
-            image_grid(paths, max_side=GRID_MAX_SIDE).save(tmp, format="PNG", pnginfo=png_info(png_metadata(settings, concept, base_source, seed=settings.seed)))
+            image_grid(paths, max_side=GRID_MAX_SIDE).save(tmp, format="PNG", pnginfo=png_info(metadata))
     return GenerateResult(paths, grid, time.perf_counter() - start, settings.seed, renamed)
 
 
