@@ -330,6 +330,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
         **model.describe(),
         "tuning": asdict(settings),
         "image": Path(options.image).name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "e4t_version": __version__,
     }
     tensors = {**model.concept_state_dict(), "image_features": features[0].cpu()}

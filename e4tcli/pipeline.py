@@ -76,10 +76,15 @@ class Stopped(Exception):
 def generate_images(
     model: E4TModel, image_features: torch.Tensor, settings: SamplingSettings, pipe=None,
     on_step: Optional[Callable[[], None]] = None,
+    fixed_concept: Optional[torch.Tensor] = None,
+    on_concept: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> list:
     """``settings.num_images`` images denoised together; image i uses seed ``settings.seed + i`` (its
     noise and its sampler's randomness), so a run split into batches gives the same images.
-    ``on_step`` is called after every denoising step (it may raise ``Stopped``)."""
+    ``on_step`` is called after every denoising step (it may raise ``Stopped``).
+
+    ``S*`` is the encoder's output for the current latent at every step, or ``fixed_concept`` (one
+    embedding, as an exported concept has); ``on_concept`` sees each step's ``S*`` (images x dim)."""
     pipe = pipe or build_pipeline(model)
     device, count = model.placement.device, settings.num_images
     guided = settings.guidance > 1.0
@@ -90,8 +95,13 @@ def generate_images(
     features = image_features.to(device).float().expand(count, -1, -1)
 
     def conditional_states(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        timesteps = timestep.reshape(1).expand(count).to(device)
-        concept, _ = model.concept_embedding(features, latents.to(model.unet.dtype), timesteps, class_states)
+        if fixed_concept is not None:
+            concept = fixed_concept.to(device).float().reshape(1, -1).expand(count, -1)
+        else:
+            timesteps = timestep.reshape(1).expand(count).to(device)
+            concept, _ = model.concept_embedding(features, latents.to(model.unet.dtype), timesteps, class_states)
+        if on_concept is not None:
+            on_concept(concept)
         return model.encode_text(prompt_ids, concept=concept)
 
     latents = initial_latents(model, settings)

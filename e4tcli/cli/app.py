@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from e4tcli import __version__
-from e4tcli.cli import domains, generate, pretrain, tune
+from e4tcli.cli import concept, domains, export, generate, pretrain, tune
 
 app = typer.Typer(
     name="e4t",
@@ -16,9 +16,11 @@ app = typer.Typer(
     rich_markup_mode="rich" if sys.stdout.isatty() else None,
 )
 app.add_typer(domains.app, name="domains")
+app.add_typer(concept.app, name="concept")
 app.command("tune")(tune.tune)
 app.command("generate")(generate.generate)
 app.command("pretrain")(pretrain.pretrain)
+app.command("export")(export.export)
 
 
 def _print_version(value: bool) -> None:

@@ -53,6 +53,9 @@ class BuildSettings:
     base_refine_steps: int = 0
     """A second round from the first round's saved model, fresh optimizer (0: none)."""
     base_refine_lr: float = 3e-4
+    refine_full_descriptions: bool = False
+    """The second round's captions name every visible attribute (a curriculum: the first round binds the scene
+    words on short captions, the second adds the attribute words)."""
     backbone_steps: int = 400
     domain_steps: int = 1000
     domain_images: int = 3000
@@ -126,7 +129,8 @@ def train_vae(settings: BuildSettings) -> None:
 
 
 # --------------------------------------------------------------------------- base
-def fit_base(unet, text_encoder, vae, tokenizer, settings: BuildSettings, steps: int, lr: float, warmup: int, seed: int, stage: str) -> None:
+def fit_base(unet, text_encoder, vae, tokenizer, settings: BuildSettings, steps: int, lr: float, warmup: int, seed: int, stage: str,
+             full_descriptions: bool) -> None:
     """Train UNet and text encoder jointly on captioned generator images; the weights end as their EMA."""
     from diffusers import DDPMScheduler
 
@@ -139,7 +143,7 @@ def fit_base(unet, text_encoder, vae, tokenizer, settings: BuildSettings, steps:
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     noise_scheduler = DDPMScheduler.from_config(models.new_scheduler().config)
-    weights = world.FULL_DESCRIPTION_WEIGHTS if settings.full_descriptions else world.DESCRIBED_COUNT_WEIGHTS
+    weights = world.FULL_DESCRIPTION_WEIGHTS if full_descriptions else world.DESCRIBED_COUNT_WEIGHTS
     samples = world.samples(seed + 3, describe_attributes=settings.caption_attributes, description_weights=weights)
     rng = random.Random(seed)
     started = time.perf_counter()
@@ -207,14 +211,15 @@ def train_base(settings: BuildSettings) -> None:
     if not first.exists():
         torch.manual_seed(settings.seed)
         unet, text_encoder = models.new_unet(settings.attention_everywhere), models.new_text_encoder()
-        fit_base(unet, text_encoder, vae, tokenizer, settings, settings.base_steps, settings.base_lr, 200, settings.seed, "base")
+        fit_base(unet, text_encoder, vae, tokenizer, settings, settings.base_steps, settings.base_lr, 200, settings.seed, "base",
+                 settings.full_descriptions)
         save_base(unet, text_encoder, settings, tokenizer_dir, first if settings.base_refine_steps else out)
     if settings.base_refine_steps:
         unet = UNet2DConditionModel.from_pretrained(first / "unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(first / "text_encoder", torch_dtype=torch.float32)
         torch.manual_seed(settings.seed + 7)
         fit_base(unet, text_encoder, vae, tokenizer, settings, settings.base_refine_steps, settings.base_refine_lr, 50,
-                 settings.seed + 7, "base (round 2)")
+                 settings.seed + 7, "base (round 2)", settings.full_descriptions or settings.refine_full_descriptions)
         save_base(unet, text_encoder, settings, tokenizer_dir, out)
 
 

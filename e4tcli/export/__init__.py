@@ -1,0 +1,164 @@
+"""``e4t export``: a concept as files the usual tools load, a fixed embedding plus a LoRA.
+
+Two layouts, both written into the ``--out`` folder:
+
+``diffusers``  ``learned_embeds.safetensors`` (``{token: [1, dim]}``, read by
+               ``load_textual_inversion``), ``pytorch_lora_weights.safetensors``
+               (peft keys, read by ``load_lora_weights``) and a README.
+``kohya``      ``TOKEN.safetensors`` (``emb_params``, the embedding AUTOMATIC1111,
+               Forge and ComfyUI load; its file name is the word to type) and
+               ``TOKEN-lora.safetensors`` (kohya's ``lora_unet_*`` keys).
+
+What is lost: the encoder (see ``embedding``), and whatever of the offsets'
+change a LoRA of the chosen rank cannot hold (see ``lora``; the share kept is
+reported and recorded in the files).
+"""
+
+import json
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from e4tcli import __version__
+from e4tcli.errors import UsageError
+from e4tcli.export.embedding import EmbeddingSettings
+
+FORMATS = ("diffusers", "kohya")
+DEFAULT_RANK = 16
+FORMAT = "e4t-export"
+"""The ``format`` entry of an exported file's safetensors metadata (``e4t concept info`` reads it)."""
+
+
+@dataclass
+class ExportOptions:
+    concept: str
+    format: str
+    out: str
+    rank: int = DEFAULT_RANK
+    """LoRA rank per layer (0: full rank, the offsets exactly)."""
+    token: Optional[str] = None
+    """The word to type (default: from the concept's file name)."""
+    base_model: Optional[str] = None
+    device: Optional[str] = None
+    precision: str = "auto"
+    force: bool = False
+    embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+
+
+@dataclass
+class ExportResult:
+    files: list[Path]
+    token: str
+    rank: int
+    energy_kept: float
+    """The share of the offsets' change (squared Frobenius norm, all layers) the LoRA holds."""
+    seconds: float
+
+
+def export_file_names(format: str, token: str) -> dict[str, str]:
+    """What each export writes into ``--out``, by role."""
+    if format == "diffusers":
+        return {"embedding": "learned_embeds.safetensors", "lora": "pytorch_lora_weights.safetensors", "readme": "README.md"}
+    return {"embedding": f"{token}.safetensors", "lora": f"{token}-lora.safetensors"}
+
+
+def default_token(concept_path: Path, vocabulary: set[str]) -> str:
+    """The concept's file name as a word, made distinct from the base model's own words."""
+    token = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(concept_path).stem).strip("-_") or "concept"
+    if token.lower() in vocabulary or f"{token.lower()}</w>" in vocabulary:
+        token += "-e4t"
+    return token
+
+
+def check_token(token: str, vocabulary: set[str]) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_<>-]+", token):
+        raise UsageError(f"--token '{token}' has characters a file name or a prompt cannot hold",
+                         hint="use letters, digits, '-', '_' (and <> for diffusers)")
+    if token.lower() in vocabulary:
+        raise UsageError(f"--token '{token}' is already a word of the base model", hint="choose a word it does not know")
+
+
+def export(options: ExportOptions) -> ExportResult:
+    from e4tcli.api import load_concept_model
+    from e4tcli.device import choose_placement
+    from e4tcli.export.embedding import fixed_embedding
+    from e4tcli.export.lora import FULL_RANK, energy_kept, factor_offsets, kohya_tensors, peft_tensors
+    from e4tcli.io.atomic import atomic_file
+    from e4tcli.io.concept import read_concept_info, stored_tensors
+    from e4tcli.io.destinations import check_new_file, check_output_folder
+
+    start = time.perf_counter()
+    if options.format not in FORMATS:
+        raise UsageError(f"unknown export format '{options.format}'", hint=f"use one of: {', '.join(FORMATS)}")
+    if options.rank < 0:
+        raise UsageError("--rank must be 0 (full) or more")
+    info = read_concept_info(Path(options.concept))
+    out = Path(options.out)
+    check_output_folder(out)
+    placement = choose_placement(options.device, options.precision)
+    model, concept = load_concept_model(options.concept, options.base_model, placement)
+    vocabulary = set(model.tokenizer.get_vocab())
+    token = options.token or default_token(Path(options.concept), vocabulary)
+    check_token(token, vocabulary)
+    names = export_file_names(options.format, token)
+    for name in names.values():
+        check_new_file(out / name, options.force)
+
+    embedding = fixed_embedding(model, concept.image_features, info["tuning"]["resolution"], options.embedding)
+    factored = factor_offsets(model, options.rank)
+    kept = energy_kept(factored)
+    rank = max(layer.rank for layer in factored.values()) if options.rank == FULL_RANK else options.rank
+    record = {
+        "format": options.format,
+        "token": token,
+        "rank": "full" if options.rank == FULL_RANK else options.rank,
+        "energy_kept": round(kept, 6),
+        "embedding": asdict(options.embedding),
+        "concept": {key: info[key] for key in ("domain", "class_word", "base_model", "checkpoint", "offsets") if key in info},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "e4t_version": __version__,
+    }
+    embedding = embedding.reshape(1, -1).float()
+    if options.format == "diffusers":
+        contents = {"embedding": {token: embedding}, "lora": peft_tensors(factored)}
+    else:
+        contents = {"embedding": {"emb_params": embedding}, "lora": kohya_tensors(factored)}
+    contents["lora"] = stored_tensors(contents["lora"], "fp16")
+    with ExitStack() as stack:
+        temporary = {role: stack.enter_context(atomic_file(out / name)) for role, name in names.items()}
+        for role in ("embedding", "lora"):
+            metadata = {"format": FORMAT, "e4t": json.dumps(record | {"kind": role}, sort_keys=True)}
+            save_safetensors(contents[role], temporary[role], metadata)
+        if "readme" in temporary:
+            temporary["readme"].write_text(diffusers_readme(token, info, names))
+    return ExportResult([out / name for name in names.values()], token, rank, kept, time.perf_counter() - start)
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def diffusers_readme(token: str, info: dict, names: dict[str, str]) -> str:
+    base = info["base_model"]["source"]
+    shown = base if not base.startswith("domain:") else "<the base model of domain " + base.removeprefix("domain:") + ">"
+    return f"""# {token}: an e4t concept for diffusers
+
+Exported by `e4t export --format diffusers` from a concept of domain `{info['domain']}`.
+Base model: `{shown}` (fingerprint {info['base_model']['fingerprint']}).
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{shown}")
+pipe.load_textual_inversion("{names['embedding']}", token="{token}")
+pipe.load_lora_weights(".", weight_name="{names['lora']}")
+image = pipe("a photo of {token} as an astronaut").images[0]
+```
+
+Run it in this folder (or give the paths). `{token}` stands where e4t's prompts say `S*`.
+"""
