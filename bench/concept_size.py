@@ -25,7 +25,8 @@ predicted tensor bytes. The SD 1.5-shaped concept is also written (zeros,
 into a temp folder, ~80 MB) to measure its header.
 
 Why: concepts are meant to be shared like LoRAs, not 4 GB UNets.
-TARGET: a concept file <= 100 MB (MB = 10^6 bytes here).
+TARGET: a concept file <= 100 MB (MB = 10^6 bytes here); its kohya export
+(``e4t export --format kohya``: LoRA + embedding) < 10 MB at the default rank.
 
 Usage: .venv/bin/python bench/concept_size.py [--rank 4] [--no-write] [--json]
 """
@@ -239,6 +240,32 @@ def measure_sd15_header(unet, encoder_config, offset_config, counts: Counts) -> 
     return {"size": size, "header": header}
 
 
+EXPORT_RANKS = (4, 16, 64)
+
+
+def kohya_export_rows(unet) -> list[dict]:
+    """``e4t export --format kohya`` at SD 1.5 shapes: the LoRA file (every q/k/v projection at the rank,
+    factors in fp16, alphas) and the embedding file, both written (zeros) with export's own code."""
+    from e4tcli.export import save_safetensors
+    from e4tcli.export.lora import LoraLayer, kohya_tensors
+    from e4tcli.io.concept import stored_tensors
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        embedding = Path(tmp) / "token.safetensors"
+        save_safetensors({"emb_params": torch.zeros(1, 768)}, embedding, {"format": "e4t-export", "e4t": "{}"})
+        for rank in EXPORT_RANKS:
+            layers = {name: LoraLayer(torch.zeros(rank, in_features), torch.zeros(out_features, rank), 0.0, 0.0)
+                      for name, out_features, in_features in projections(unet)}
+            path = Path(tmp) / f"lora-{rank}.safetensors"
+            save_safetensors(stored_tensors(kohya_tensors(layers)), path, {"format": "e4t-export", "e4t": "{}"})
+            values = sum(FP16 * rank * (o + i) for _, o, i in projections(unet)) // FP16
+            rows.append({"file": f"export kohya, rank {rank}", "lora_values": values,
+                         "lora_MB": path.stat().st_size / 1e6, "embedding_kB": embedding.stat().st_size / 1e3,
+                         "total_MB": (path.stat().st_size + embedding.stat().st_size) / 1e6})
+    return rows
+
+
 def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=4, help="rank of the 'lowrank' offsets")
@@ -252,10 +279,14 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     json_out = common.reserve_stdout_for_json(cfg.json)
     rows, parts, meta = sd15_rows(cfg)
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        unet = common.build_unet(common.SD15)
+    exported = kohya_export_rows(unet)
     checks = [verify_tiny("paper", cfg.rank), verify_tiny("lowrank", cfg.rank)]
     concept = rows[0]
     if cfg.json:
-        print(json.dumps({"sd15": rows, "encoder_parts": parts, **meta, "tiny_checks": checks}, indent=2, default=str), file=json_out)
+        print(json.dumps({"sd15": rows, "encoder_parts": parts, **meta, "exported": exported, "tiny_checks": checks}, indent=2, default=str), file=json_out)
         return
     print(f"SD 1.5 + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; "
           "concepts fp16, checkpoints fp32; MB = 1e6 bytes")
@@ -267,6 +298,9 @@ def main(argv=None) -> None:
                         for k, v in parts.items()], title="encoder parameters (SD 1.5 + ViT-H/14)")
     print()
     common.print_table(checks, title="formula check on the tiny model (real concept written with save_concept)")
+    common.print_table(exported, ["file", "lora_values", "lora_MB", "embedding_kB", "total_MB"],
+                       title="e4t export --format kohya (a LoRA on every q/k/v projection; target < 10 MB)")
+    print()
     size = concept["file_MB"] if concept["file_MB"] is not None else concept["MB"]
     print(f"target concept <= 100 MB: {size:.1f} MB {'OK' if size <= 100 else 'MISSED'}")
 

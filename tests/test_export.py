@@ -21,8 +21,8 @@ def one_line_error(result) -> str:
 
 @pytest.fixture(scope="module")
 def concept(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
-    """A cats concept on the tiny model whose offsets are made large (a few tuning steps barely move
-    them), so that a LoRA that lost or mangled them would show in the pixels."""
+    """A cats concept on the tiny model, with offsets on attention and ResNet convolutions, made large (a
+    few tuning steps barely move them), so that a LoRA that lost or mangled them would show in the pixels."""
     from e4tcli.io.concept import load_concept, save_concept
 
     root = tmp_path_factory.mktemp("export")
@@ -30,7 +30,7 @@ def concept(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
     result = runner.invoke(app, [
         "pretrain", "--domain", "cats", "--data", str(photo_folder), "--out", str(checkpoint),
         "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "2", "--batch-size", "2",
-        "--resolution", "64", "--encoder-hidden-dim", "64",
+        "--resolution", "64", "--encoder-hidden-dim", "64", "--offset-layers", "attention+resnets",
     ])
     assert result.exit_code == 0, result.output
     tuned = root / "tuned.safetensors"
@@ -128,6 +128,7 @@ def test_every_lora_key_names_a_module_of_the_base_unet_with_its_shape(concept, 
     kohya = load_file(tmp_path / "k" / "sks-kitty-lora.safetensors")
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
     assert len(downs) == len(kohya) // 3 and len(downs) >= 12
+    assert any("_resnets_" in key and kohya[key].dim() == 4 for key in downs)  # convolutions too
     for key in downs:
         layer = key.split(".")[0]
         module = by_kohya_name[layer]
@@ -230,3 +231,27 @@ def test_concept_info_describes_concepts_and_exported_files(concept, tmp_path):
     save_file({"x": torch.zeros(2)}, str(other))
     line = one_line_error(runner.invoke(app, ["concept", "info", str(other)]))
     assert "is not an e4t concept or exported file" in line
+
+
+def test_readme_script_draws_an_exported_concept(concept, tiny_sd, tmp_path):
+    """The README's plain diffusers script, pointed at the tiny model and a fresh export, runs."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    script = next(block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                  if block.startswith("# draw_exported.py"))
+    exported = export(concept, tmp_path / "my-cat", "--format", "diffusers", "--rank", "4")
+    script, replaced = re.subn(r'^base = "[^"]+"', f'base = "{tiny_sd}"', script, flags=re.M)
+    script, also = re.subn(r'^folder, token = "my-cat", "my-cat"', f'folder, token = "my-cat", "{exported["token"]}"',
+                           script, flags=re.M)
+    assert replaced == also == 1
+    (tmp_path / "draw_exported.py").write_text(script)
+    result = subprocess.run([sys.executable, "draw_exported.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "astronaut.png") as image:
+        assert image.size == (64, 64) and np.asarray(image.convert("L")).std() > 1

@@ -19,18 +19,27 @@ class EmbeddingSettings:
     steps: int = 30
     guidance: float = 7.5
     prompt: str = f"a photo of {PLACEHOLDER}"
+    steps_averaged: str = "all"
+    """Which denoising steps' ``S*`` are averaged: "all", "early" (the noisier first half) or "late"."""
+
+
+STEP_CHOICES = ("all", "early", "late")
 
 
 def fixed_embedding(model, image_features, resolution: int, settings: EmbeddingSettings):
-    """The mean of the encoder's ``S*`` over ``settings.images`` trajectories and all their steps (dim,)."""
+    """The mean of the encoder's ``S*`` over ``settings.images`` trajectories and their steps (dim,)."""
     import torch
 
     from e4tcli.pipeline import SamplingSettings, generate_images
 
+    if settings.steps_averaged not in STEP_CHOICES:
+        raise ValueError(f"steps_averaged must be one of {STEP_CHOICES}, not {settings.steps_averaged!r}")
     seen = []
     sampling = SamplingSettings(
         prompt=settings.prompt, num_images=settings.images, seed=0, steps=settings.steps, guidance=settings.guidance,
         height=resolution, width=resolution,
     )
     generate_images(model, image_features, sampling, on_concept=lambda concept: seen.append(concept.detach().float().cpu()))
-    return torch.cat(seen).mean(dim=0)
+    half = len(seen) // 2
+    chosen = {"all": seen, "early": seen[: max(1, half)], "late": seen[half:]}[settings.steps_averaged]
+    return torch.cat(chosen).mean(dim=0)

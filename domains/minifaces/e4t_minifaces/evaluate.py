@@ -22,6 +22,11 @@ Methods (same seeds, prompts, sampler and guidance for all):
   e4t-encoder-N  the same with the pre-trained offsets frozen: only the encoder is tuned
   ti-N        Textual Inversion: one new word embedding, N steps
   dreambooth-N  the whole UNet fine-tuned N steps on "sks face" (no prior preservation)
+  export-embedding-N, export-r4-N, export-r16-N, export-r64-N, export-full-N
+              E4T-N exported (``e4t export``): its fixed embedding alone, or with a LoRA of
+              that rank, drawn by a plain diffusers pipeline from the loaded files
+  export-embedding-early-N, export-embedding-late-N
+              the fixed embedding averaged over the first (noisier) or the second half of the steps only
 """
 
 from __future__ import annotations
@@ -208,6 +213,13 @@ def run_e4t_encoder_tuned(w: World, identity, settings: EvalSettings, steps: int
 
 
 def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True):
+    concept, seconds, size = tuned_concept(w, identity, settings, steps, tune_offsets)
+    images = sample_e4t(w.concept_model(concept.model_tensors()), concept.image_features, settings)
+    return images, seconds, size
+
+
+def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True):
+    """The concept ``e4t tune`` writes for ``identity``'s portrait after ``steps`` steps, as read back from its file."""
     from e4tcli.io.concept import load_concept, save_concept
     from e4tcli.models.loading import backbone_features
     from e4tcli.training.tune import TuneSettings, tune_concept
@@ -240,8 +252,40 @@ def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets
         path = Path(tmp) / "c.safetensors"
         size = save_concept(path, {**model.concept_state_dict(), "image_features": features[0]}, {})
         concept = load_concept(path)
-    images = sample_e4t(w.concept_model(concept.model_tensors()), concept.image_features, settings)
+    return concept, seconds, size
+
+
+def run_exported(w: World, identity, settings: EvalSettings, steps: int, rank: Optional[int], steps_averaged: str = "all"):
+    """E4T-N exported as ``e4t export --format diffusers`` does (the fixed embedding, and a LoRA of ``rank``;
+    None: the embedding alone, 0: full rank) and drawn by a plain diffusers pipeline that loads the files."""
+    from safetensors.torch import save_file
+
+    from e4tcli.export.embedding import EmbeddingSettings, fixed_embedding
+    from e4tcli.export.lora import factor_offsets, peft_tensors
+    from e4tcli.io.concept import stored_tensors
+
+    concept, seconds, _ = tuned_concept(w, identity, settings, steps)
+    model = w.concept_model(concept.model_tensors())
+    token = "<mini-export>"
+    with tempfile.TemporaryDirectory() as tmp:
+        embedding_file, lora_file = Path(tmp) / "learned_embeds.safetensors", Path(tmp) / "lora.safetensors"
+        embedding = fixed_embedding(model, concept.image_features, world.RESOLUTION,
+                                    EmbeddingSettings(steps_averaged=steps_averaged))
+        save_file({token: embedding.reshape(1, -1).contiguous()}, str(embedding_file))
+        pipe = plain_pipeline(w.load_base())
+        pipe.load_textual_inversion(str(embedding_file), token=token)
+        size = embedding_file.stat().st_size
+        if rank is not None:
+            save_file(stored_tensors(peft_tensors(factor_offsets(model, rank))), str(lora_file))
+            pipe.load_lora_weights(tmp, weight_name=lora_file.name)
+            size += lora_file.stat().st_size
+        prompts = [p.replace("S*", token) for p, _ in scene_prompts(settings)]
+        images = sample_plain(pipe, prompts, settings, w.latent_shape)
     return images, seconds, size
+
+
+EXPORT_RANKS = {"export-embedding": None, "export-r4": 4, "export-r16": 16, "export-r64": 64, "export-full": 0}
+EXPORT_EMBEDDINGS = {"export-embedding-early": "early", "export-embedding-late": "late"}
 
 
 def _training_batches(tokenizer, word: str, reference, base, steps: int, seed: int):
@@ -342,8 +386,13 @@ def run_method(w: World, method: str, identity, settings: EvalSettings):
     name, _, steps = method.rpartition("-")
     if method == "base":
         return run_base(w, identity, settings)
+    if name in EXPORT_EMBEDDINGS and steps.isdigit():
+        return run_exported(w, identity, settings, int(steps), None, EXPORT_EMBEDDINGS[name])
+    if name in EXPORT_RANKS and steps.isdigit():
+        return run_exported(w, identity, settings, int(steps), EXPORT_RANKS[name])
     if name not in METHODS or not steps.isdigit():
-        raise ValueError(f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, ti-N, dreambooth-N)")
+        raise ValueError(f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, ti-N, dreambooth-N, "
+                         f"{'-N, '.join(EXPORT_RANKS)}-N)")
     return METHODS[name](w, identity, settings, int(steps))
 
 
