@@ -26,7 +26,7 @@ def export(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the files into.")],
     rank: Annotated[
-        Optional[str], typer.Option("--rank", help="LoRA rank per layer, or 'full' (default: 16).")
+        Optional[str], typer.Option("--rank", help="LoRA rank per layer, or 'full' (default: 4).")
     ] = None,
     token: Annotated[
         Optional[str], typer.Option("--token", help="The word to type in prompts (default: from the concept's file name).")

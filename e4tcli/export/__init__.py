@@ -27,7 +27,7 @@ from e4tcli.errors import UsageError
 from e4tcli.export.embedding import EmbeddingSettings
 
 FORMATS = ("diffusers", "kohya")
-DEFAULT_RANK = 16
+DEFAULT_RANK = 4
 FORMAT = "e4t-export"
 """The ``format`` entry of an exported file's safetensors metadata (``e4t concept info`` reads it)."""
 
