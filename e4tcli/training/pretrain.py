@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,8 @@ def make_optimizer(parameters, settings: PretrainSettings):
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, foreach=True)
     if settings.optimizer == "adamw8bit":
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]  # hidden from peft by the CLI (e4tcli.cli.quiet)
         try:
             import bitsandbytes
         except ImportError:
