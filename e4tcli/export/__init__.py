@@ -110,11 +110,11 @@ def export(options: ExportOptions) -> ExportResult:
     embedding = fixed_embedding(model, concept.image_features, info["tuning"]["resolution"], options.embedding)
     factored = factor_offsets(model, options.rank)
     kept = energy_kept(factored)
-    rank = max(layer.rank for layer in factored.values()) if options.rank == FULL_RANK else options.rank
+    rank = max(layer.rank for layer in factored.values())
     record = {
         "format": options.format,
         "token": token,
-        "rank": "full" if options.rank == FULL_RANK else options.rank,
+        "rank": "full" if options.rank == FULL_RANK else rank,
         "energy_kept": round(kept, 6),
         "embedding": asdict(options.embedding),
         "concept": {key: info[key] for key in ("domain", "class_word", "base_model", "checkpoint", "offsets") if key in info},
