@@ -64,7 +64,8 @@ def factor_offsets(model, rank: int = FULL_RANK, layers: Optional[list[str]] = N
             if layers is not None and name not in layers:
                 continue
             column, row = layer.factors()
-            factored[name] = factor(weight_change(layer.base_layer.weight, column.cpu(), row.cpu()), rank)
+            weight = layer.base_layer.weight.detach().cpu()  # SVD in float64 on the CPU, whatever the device
+            factored[name] = factor(weight_change(weight, column.detach().cpu(), row.detach().cpu()), rank)
     widest = max(lora.rank for lora in factored.values())
     return {name: padded(lora, widest) for name, lora in factored.items()}
 
