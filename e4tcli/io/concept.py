@@ -77,20 +77,24 @@ def save_concept(path: Path, tensors: dict[str, Any], info: dict[str, Any], prec
     return path.stat().st_size
 
 
-def read_concept_info(path: Path) -> dict[str, Any]:
-    """The concept's recipe from the safetensors header, without loading tensors."""
+def read_header(path: Path, missing: str, hint: str, read=None) -> tuple[dict[str, str], Any]:
+    """A safetensors file's metadata, and ``read(handle)`` of its open header (no tensor is loaded);
+    one line naming the problem for a missing or unreadable file (``missing``: "concept file", ...)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"concept file not found: {path}", hint="pass the .safetensors file written by 'e4t tune'")
+        raise UsageError(f"{missing} not found: {path}", hint=hint)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+            return handle.metadata() or {}, read(handle) if read else None
     except Exception as error:
-        raise UsageError(
-            f"{path} is not a safetensors file ({type(error).__name__})", hint="pass a concept written by 'e4t tune'"
-        ) from None
+        raise UsageError(f"{path} is not a safetensors file ({type(error).__name__})", hint=hint) from None
+
+
+def read_concept_info(path: Path) -> dict[str, Any]:
+    """The concept's recipe from the safetensors header, without loading tensors."""
+    metadata, _ = read_header(path, "concept file", "pass the .safetensors file written by 'e4t tune'")
     if metadata.get("format") != FORMAT:
         raise UsageError(f"{path} is not an e4t concept", hint="pass a concept written by 'e4t tune'")
     if int(metadata.get("version", "0")) > VERSION:

@@ -37,21 +37,11 @@ def tensor_groups(tensors: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def describe_file(path: Path) -> dict[str, Any]:
     """A concept's or an exported file's recipe, tensors and sizes; a one-line error for any other file."""
-    from safetensors import safe_open
-
     from e4tcli.export import FORMAT as EXPORT_FORMAT
-    from e4tcli.io.concept import FORMAT as CONCEPT_FORMAT
+    from e4tcli.io.concept import FORMAT as CONCEPT_FORMAT, read_header
 
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"file not found: {path}", hint="pass a concept or a file written by 'e4t export'")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = tensor_table(handle)
-    except Exception as error:
-        raise UsageError(f"{path} is not a safetensors file ({type(error).__name__})",
-                         hint="pass a concept or a file written by 'e4t export'") from None
+    metadata, tensors = read_header(path, "file", "pass a concept or a file written by 'e4t export'", tensor_table)
     kind = metadata.get("format")
     if kind not in (CONCEPT_FORMAT, EXPORT_FORMAT) or "e4t" not in metadata:
         raise UsageError(f"{path} is not an e4t concept or exported file",
