@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-tiny minifaces test completions clean
+.PHONY: demo demo-tiny minifaces test test-fast lint completions clean
 
 # CPU-only machines get the pinned CPU build of torch first, so no multi-GB CUDA build is pulled.
 $(STAMP): pyproject.toml domains/faces/pyproject.toml domains/cats/pyproject.toml domains/art/pyproject.toml \
@@ -54,12 +54,20 @@ demo-tiny: $(STAMP)
 	    --out $(DEMO)/chelsea.safetensors --force
 	$(BIN)/e4t generate $(DEMO)/chelsea.safetensors "S* as an astronaut" --num-images 4 --steps 20 --out outputs/tiny --force
 
-# Rebuild the miniature world's shipped weights from scratch (about 1 h on 2 CPU cores).
+# Rebuild the miniature world's shipped weights from scratch (about 80 min on 2 CPU cores).
 minifaces: $(STAMP)
 	$(BIN)/python -m e4t_minifaces.build --work .cache/minifaces-build
 
-test: $(TEST_STAMP) $(DEEPSPEED_STAMP)
+test: lint $(TEST_STAMP) $(DEEPSPEED_STAMP)
 	$(BIN)/python -m pytest -q
+
+# Everyday work: the suite without the tests marked slow (multi-process, DeepSpeed, minifaces quality).
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 completions: $(STAMP)
 	$(BIN)/python scripts/make_completions.py

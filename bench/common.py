@@ -21,9 +21,9 @@ import copy
 import os
 import sys
 import tempfile
-from time import perf_counter_ns as time_ns
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import perf_counter_ns as time_ns  # noqa: F401 (the benchmarks' clock, re-exported)
 from typing import Optional
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -63,8 +63,14 @@ MEDIUM = SizeSpec(
     ),
     vae=dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32, sample_size=128),
     text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12),
-    vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
-                image_size=112, patch_size=14),
+    vision=dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        image_size=112,
+        patch_size=14,
+    ),
 )
 
 SD15 = SizeSpec(
@@ -82,8 +88,15 @@ SD15 = SizeSpec(
     ),
     vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512),
     text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-    vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                image_size=224, patch_size=14, hidden_act="gelu"),
+    vision=dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        hidden_act="gelu",
+    ),
 )
 
 SPECS = {"medium": MEDIUM, "sd15": SD15}
@@ -100,8 +113,14 @@ def scheduler_config() -> dict:
     from diffusers import PNDMScheduler
 
     scheduler = PNDMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+        skip_prk_steps=True,
+        prediction_type="epsilon",
     )
     return dict(scheduler.config)
 
@@ -134,8 +153,12 @@ def build_vae(spec: SizeSpec):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **spec.vae,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        **spec.vae,
     )
 
 
@@ -143,8 +166,13 @@ def build_text_encoder(spec: SizeSpec):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, projection_dim=spec.text["hidden_size"],
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **spec.text,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        projection_dim=spec.text["hidden_size"],
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **spec.text,
     )
     return CLIPTextModel(config)
 
@@ -300,8 +328,9 @@ def print_table(rows: list[dict], columns: Optional[list[str]] = None, title: st
 
 
 def add_common_args(parser) -> None:
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: torch's; 1 is steadier on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a shared machine)"
+    )
 
 
 def reserve_stdout_for_json(enabled: bool):

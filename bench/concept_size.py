@@ -133,14 +133,20 @@ def concept_info(model, image: str = "image.png") -> dict:
     from e4tcli import __version__
     from e4tcli.training.tune import TuneSettings
 
-    tuning = TuneSettings(steps=5, learning_rate=1.6e-5, batch_size=16, resolution=512, lambda_emb=0.1,
-                          lambda_weights=1e-4)
+    tuning = TuneSettings(
+        steps=5, learning_rate=1.6e-5, batch_size=16, resolution=512, lambda_emb=0.1, lambda_weights=1e-4
+    )
     return {
-        "domain": "faces", "class_word": model.class_word, "token": "S*",
+        "domain": "faces",
+        "class_word": model.class_word,
+        "token": "S*",
         "base_model": {"source": "runwayml/stable-diffusion-v1-5", "fingerprint": "0123456789abcdef"},
         "backbone": {"source": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "fingerprint": "0123456789abcdef"},
         "checkpoint": {"source": "/checkpoints/faces", "fingerprint": "0123456789abcdef"},
-        **model.describe(), "tuning": asdict(tuning), "image": image, "e4t_version": __version__,
+        **model.describe(),
+        "tuning": asdict(tuning),
+        "image": image,
+        "e4t_version": __version__,
     }
 
 
@@ -175,9 +181,15 @@ def verify_tiny(kind: str, rank: int) -> dict:
     tensors = {**model.concept_state_dict(), "image_features": features}
     size, header = write_concept(tensors, concept_info(model))
     payload = size - 8 - header
-    return {"model": "tiny", "offsets": kind, "predicted_tensor_bytes": predicted.concept_bytes,
-            "file_bytes": size, "header_bytes": header, "file_minus_header": payload,
-            "match": payload == predicted.concept_bytes}
+    return {
+        "model": "tiny",
+        "offsets": kind,
+        "predicted_tensor_bytes": predicted.concept_bytes,
+        "file_bytes": size,
+        "header_bytes": header,
+        "file_minus_header": payload,
+        "match": payload == predicted.concept_bytes,
+    }
 
 
 def sd15_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
@@ -197,15 +209,32 @@ def sd15_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
         if cfg.write:
             header = measure_sd15_header(unet, encoder_config, offset_config, c)
             measured[kind] = header
-        rows.append({"file": "concept", "offsets": label, "encoder_params": c.encoder,
-                     "offset_params": c.concept_offsets, "feature_values": c.image_features,
-                     "MB": c.concept_bytes / 1e6, "header_kB": None if header is None else header["header"] / 1e3,
-                     "file_MB": None if header is None else header["size"] / 1e6})
-        rows.append({"file": "domain checkpoint", "offsets": label, "encoder_params": c.encoder,
-                     "offset_params": c.checkpoint_offsets, "feature_values": 0, "MB": c.checkpoint_bytes / 1e6})
+        rows.append(
+            {
+                "file": "concept",
+                "offsets": label,
+                "encoder_params": c.encoder,
+                "offset_params": c.concept_offsets,
+                "feature_values": c.image_features,
+                "MB": c.concept_bytes / 1e6,
+                "header_kB": None if header is None else header["header"] / 1e3,
+                "file_MB": None if header is None else header["size"] / 1e6,
+            }
+        )
+        rows.append(
+            {
+                "file": "domain checkpoint",
+                "offsets": label,
+                "encoder_params": c.encoder,
+                "offset_params": c.checkpoint_offsets,
+                "feature_values": 0,
+                "MB": c.checkpoint_bytes / 1e6,
+            }
+        )
     unet_params = common.count(unet.parameters())
-    rows.append({"file": "dreambooth UNet fp16", "offsets": "-", "offset_params": unet_params,
-                 "MB": 2 * unet_params / 1e6})
+    rows.append(
+        {"file": "dreambooth UNet fp16", "offsets": "-", "offset_params": unet_params, "MB": 2 * unet_params / 1e6}
+    )
     rows.append({"file": "textual inversion fp32", "offsets": "-", "offset_params": 768, "MB": FP32 * 768 / 1e6})
     meta = {"attention_projections": c.projections, "encoder_config": encoder_config.__dict__}
     return rows, parts, meta
@@ -255,14 +284,22 @@ def kohya_export_rows(unet) -> list[dict]:
         embedding = Path(tmp) / "token.safetensors"
         save_safetensors({"emb_params": torch.zeros(1, 768)}, embedding, {"format": "e4t-export", "e4t": "{}"})
         for rank in EXPORT_RANKS:
-            layers = {name: LoraLayer(torch.zeros(rank, in_features), torch.zeros(out_features, rank), 0.0, 0.0)
-                      for name, out_features, in_features in projections(unet)}
+            layers = {
+                name: LoraLayer(torch.zeros(rank, in_features), torch.zeros(out_features, rank), 0.0, 0.0)
+                for name, out_features, in_features in projections(unet)
+            }
             path = Path(tmp) / f"lora-{rank}.safetensors"
             save_safetensors(stored_tensors(kohya_tensors(layers)), path, {"format": "e4t-export", "e4t": "{}"})
             values = sum(FP16 * rank * (o + i) for _, o, i in projections(unet)) // FP16
-            rows.append({"file": f"export kohya, rank {rank}", "lora_values": values,
-                         "lora_MB": path.stat().st_size / 1e6, "embedding_kB": embedding.stat().st_size / 1e3,
-                         "total_MB": (path.stat().st_size + embedding.stat().st_size) / 1e6})
+            rows.append(
+                {
+                    "file": f"export kohya, rank {rank}",
+                    "lora_values": values,
+                    "lora_MB": path.stat().st_size / 1e6,
+                    "embedding_kB": embedding.stat().st_size / 1e3,
+                    "total_MB": (path.stat().st_size + embedding.stat().st_size) / 1e6,
+                }
+            )
     return rows
 
 
@@ -286,20 +323,35 @@ def main(argv=None) -> None:
     checks = [verify_tiny("paper", cfg.rank), verify_tiny("lowrank", cfg.rank)]
     concept = rows[0]
     if cfg.json:
-        print(json.dumps({"sd15": rows, "encoder_parts": parts, **meta, "exported": exported, "tiny_checks": checks}, indent=2, default=str), file=json_out)
+        print(
+            json.dumps(
+                {"sd15": rows, "encoder_parts": parts, **meta, "exported": exported, "tiny_checks": checks},
+                indent=2,
+                default=str,
+            ),
+            file=json_out,
+        )
         return
-    print(f"SD 1.5 + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; "
-          "concepts fp16, checkpoints fp32; MB = 1e6 bytes")
-    common.print_table(rows, ["file", "offsets", "encoder_params", "offset_params", "feature_values", "MB",
-                              "header_kB", "file_MB"])
+    print(
+        f"SD 1.5 + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; "
+        "concepts fp16, checkpoints fp32; MB = 1e6 bytes"
+    )
+    common.print_table(
+        rows, ["file", "offsets", "encoder_params", "offset_params", "feature_values", "MB", "header_kB", "file_MB"]
+    )
     print()
     total = sum(parts.values())
-    common.print_table([{"encoder part": k, "params": v, "MB (fp16)": FP16 * v / 1e6, "share": v / total}
-                        for k, v in parts.items()], title="encoder parameters (SD 1.5 + ViT-H/14)")
+    common.print_table(
+        [{"encoder part": k, "params": v, "MB (fp16)": FP16 * v / 1e6, "share": v / total} for k, v in parts.items()],
+        title="encoder parameters (SD 1.5 + ViT-H/14)",
+    )
     print()
     common.print_table(checks, title="formula check on the tiny model (real concept written with save_concept)")
-    common.print_table(exported, ["file", "lora_values", "lora_MB", "embedding_kB", "total_MB"],
-                       title="e4t export --format kohya (a LoRA on every q/k/v projection; target < 10 MB)")
+    common.print_table(
+        exported,
+        ["file", "lora_values", "lora_MB", "embedding_kB", "total_MB"],
+        title="e4t export --format kohya (a LoRA on every q/k/v projection; target < 10 MB)",
+    )
     print()
     size = concept["file_MB"] if concept["file_MB"] is not None else concept["MB"]
     print(f"target concept <= 100 MB: {size:.1f} MB {'OK' if size <= 100 else 'MISSED'}")

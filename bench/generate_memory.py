@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_table, reserve_stdout_for_json  # noqa: E402
 
+
 def peak_of(args: list[str], report: Path) -> float:
     script = (
         "import sys\n"
@@ -49,18 +50,48 @@ def main(argv=None) -> int:
 
     from e4t_minifaces import EXAMPLES
 
-    cases = {"-n 4": ["-n", "4"], "-n 128": ["-n", "128"], "-n 128 --batch-size 128": ["-n", "128", "--batch-size", "128"]}
+    cases = {
+        "-n 4": ["-n", "4"],
+        "-n 128": ["-n", "128"],
+        "-n 128 --batch-size 128": ["-n", "128", "--batch-size", "128"],
+    }
     peaks = {name: [] for name in cases}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         concept = tmp / "mira.safetensors"
-        subprocess.run([sys.executable, "-m", "e4tcli", "tune", str(EXAMPLES / "mira.png"), "--domain", "minifaces",
-                        "--out", str(concept)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "e4tcli",
+                "tune",
+                str(EXAMPLES / "mira.png"),
+                "--domain",
+                "minifaces",
+                "--out",
+                str(concept),
+            ],
+            check=True,
+            capture_output=True,
+        )
         for repeat in range(args.repeats):
             for name, flags in cases.items():
                 out = tmp / f"out-{repeat}-{len(peaks[name])}-{flags[1]}"
-                peaks[name].append(peak_of(["generate", str(concept), "a S* on a red background", *flags,
-                                            "--steps", str(args.steps), "--out", str(out)], tmp / "peak"))
+                peaks[name].append(
+                    peak_of(
+                        [
+                            "generate",
+                            str(concept),
+                            "a S* on a red background",
+                            *flags,
+                            "--steps",
+                            str(args.steps),
+                            "--out",
+                            str(out),
+                        ],
+                        tmp / "peak",
+                    )
+                )
     reference = statistics.mean(peaks["-n 4"])
     rows = [
         {
@@ -74,7 +105,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"rows": rows, "peaks": peaks}), file=json_out)
     else:
-        print_table(rows, title=f"e4t generate on minifaces, {args.steps} steps, {args.repeats} runs each (fresh processes)")
+        print_table(
+            rows, title=f"e4t generate on minifaces, {args.steps} steps, {args.repeats} runs each (fresh processes)"
+        )
     return 0
 
 

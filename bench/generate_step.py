@@ -79,8 +79,13 @@ def build(cfg: Config):
     assert not any(isinstance(m, OffsetLinear) for m in plain.unet.modules()), "baseline has offsets"
     assert not isinstance(plain.text_encoder.get_input_embeddings(), PlaceholderEmbedding), "baseline has S*"
     pipe = StableDiffusionPipeline(
-        vae=plain.vae, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer, unet=plain.unet,
-        scheduler=sampling_scheduler(plain.scheduler_config), safety_checker=None, feature_extractor=None,
+        vae=plain.vae,
+        text_encoder=plain.text_encoder,
+        tokenizer=plain.tokenizer,
+        unet=plain.unet,
+        scheduler=sampling_scheduler(plain.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -107,8 +112,12 @@ def run(cfg: Config) -> dict:
         return pipe(
             prompt=[s.prompt.replace("S*", CLASS_WORD)] * s.num_images,
             negative_prompt=[s.negative_prompt] * s.num_images,
-            latents=initial_latents(model, s), num_inference_steps=steps, guidance_scale=s.guidance,
-            height=s.height, width=s.width, output_type="pil",
+            latents=initial_latents(model, s),
+            num_inference_steps=steps,
+            guidance_scale=s.guidance,
+            height=s.height,
+            width=s.width,
+            output_type="pil",
         ).images
 
     def timed(fn, steps):
@@ -121,8 +130,10 @@ def run(cfg: Config) -> dict:
     # warm-up, and the equality check of a fresh concept against the base model
     _, e4t_images = timed(e4t, cfg.steps)
     _, plain_images = timed(plain, cfg.steps)
-    diff = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
-               for a, b in zip(e4t_images, plain_images))
+    diff = max(
+        int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+        for a, b in zip(e4t_images, plain_images)
+    )
     timed(e4t, 1)
     timed(plain, 1)
 
@@ -136,12 +147,26 @@ def run(cfg: Config) -> dict:
     for name in ("e4t", "plain"):
         total = common.median(times[(name, cfg.steps)])
         one = common.median(times[(name, 1)])
-        rows.append({"pipeline": name, "s_per_step": (total - one) / (cfg.steps - 1),
-                     f"s_total_{cfg.steps}_steps": total, "s_total_1_step": one})
+        rows.append(
+            {
+                "pipeline": name,
+                "s_per_step": (total - one) / (cfg.steps - 1),
+                f"s_total_{cfg.steps}_steps": total,
+                "s_total_1_step": one,
+            }
+        )
     ratio = rows[0]["s_per_step"] / rows[1]["s_per_step"]
     rows[0]["x_plain"], rows[1]["x_plain"] = ratio, 1.0
-    return {"size": cfg.size, "resolution": side, "num_images": cfg.num_images, "steps": cfg.steps,
-            "device": common.describe_device(device), "max_pixel_diff": diff, "ratio": ratio, "rows": rows}
+    return {
+        "size": cfg.size,
+        "resolution": side,
+        "num_images": cfg.num_images,
+        "steps": cfg.steps,
+        "device": common.describe_device(device),
+        "max_pixel_diff": diff,
+        "ratio": ratio,
+        "rows": rows,
+    }
 
 
 def parse_args(argv=None) -> Config:
@@ -169,9 +194,11 @@ def main(argv=None) -> None:
     if cfg.json:
         print(json.dumps(result, indent=2), file=json_out)
         return
-    print(f"generation step: size={cfg.size} {result['resolution']}px images={cfg.num_images} "
-          f"(CFG batch {2 * cfg.num_images}) steps={cfg.steps} offsets={cfg.offsets} device={result['device']} "
-          f"rounds={cfg.rounds} (medians; per step = slope between 1 and {cfg.steps} steps)")
+    print(
+        f"generation step: size={cfg.size} {result['resolution']}px images={cfg.num_images} "
+        f"(CFG batch {2 * cfg.num_images}) steps={cfg.steps} offsets={cfg.offsets} device={result['device']} "
+        f"rounds={cfg.rounds} (medians; per step = slope between 1 and {cfg.steps} steps)"
+    )
     print("baseline: StableDiffusionPipeline on a deep copy of the base taken before E4TModel wrapped it")
     common.print_table(result["rows"])
     same = "identical" if result["max_pixel_diff"] == 0 else f"max |diff| {result['max_pixel_diff']}/255"

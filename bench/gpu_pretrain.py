@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -61,8 +61,10 @@ class RunSpec:
         return cls(parts[0], parts[1], parts[2] == "ckpt", parts[3:] == ["cache"])
 
     def label(self) -> str:
-        return ":".join([self.precision, self.offsets, "ckpt" if self.gradient_checkpointing else "-"]
-                        + (["cache"] if self.cache_features else []))
+        return ":".join(
+            [self.precision, self.offsets, "ckpt" if self.gradient_checkpointing else "-"]
+            + (["cache"] if self.cache_features else [])
+        )
 
 
 def run_one(spec: RunSpec, size: str, batch_size: int, steps: int, device: Optional[str]) -> dict:
@@ -72,7 +74,7 @@ def run_one(spec: RunSpec, size: str, batch_size: int, steps: int, device: Optio
     from e4tcli.api import enable_gradient_checkpointing, make_accelerator, training_scheduler
     from e4tcli.models.e4t import E4TModel
     from e4tcli.models.weight_offsets import OffsetConfig
-    from e4tcli.training.pretrain import PretrainSettings, pretrain_domain
+    from e4tcli.training.pretrain import PretrainJob, PretrainSettings, pretrain_domain
 
     accelerator, placement = make_accelerator(device, spec.precision, 1)
     cuda = placement.device.type == "cuda"
@@ -98,6 +100,7 @@ def run_one(spec: RunSpec, size: str, batch_size: int, steps: int, device: Optio
                 return function(*args, **kwargs)
             finally:
                 timings[name] += time.perf_counter() - began
+
         return wrapper
 
     pretrain_module.gather_full_state = timed("gather", pretrain_module.gather_full_state)
@@ -105,8 +108,13 @@ def run_one(spec: RunSpec, size: str, batch_size: int, steps: int, device: Optio
 
     dataset = [common.random_image(resolution, seed) for seed in range(2 * batch_size)]
     settings = PretrainSettings(
-        steps=steps, learning_rate=1.6e-5, batch_size=batch_size, resolution=resolution, lambda_emb=1e-4,
-        lambda_weights=1e-4, cache_features=spec.cache_features,
+        steps=steps,
+        learning_rate=1.6e-5,
+        batch_size=batch_size,
+        resolution=resolution,
+        lambda_emb=1e-4,
+        lambda_weights=1e-4,
+        cache_features=spec.cache_features,
     )
     config = {"base_model": {"fingerprint": "random"}, "backbone": {"fingerprint": "random"}}
     if cuda:
@@ -115,8 +123,18 @@ def run_one(spec: RunSpec, size: str, batch_size: int, steps: int, device: Optio
         note = "ok"
         began = time.perf_counter()
         try:
-            history, checkpoint = pretrain_domain(model, backbone, dataset, TEMPLATES, settings,
-                                                  training_scheduler(base), Path(run_dir), config, accelerator)
+            job = PretrainJob(
+                model,
+                backbone,
+                dataset,
+                TEMPLATES,
+                settings,
+                training_scheduler(base),
+                Path(run_dir),
+                config,
+                accelerator,
+            )
+            history, checkpoint = pretrain_domain(job)
             checkpoint_mb = sum(f.stat().st_size for f in checkpoint.iterdir()) / 2**20
         except torch.cuda.OutOfMemoryError:
             history, checkpoint_mb, note = [], None, "out of memory"
@@ -124,17 +142,34 @@ def run_one(spec: RunSpec, size: str, batch_size: int, steps: int, device: Optio
     measured = [record["seconds"] for record in history[2:]] or [record["seconds"] for record in history]
     seconds = common.median(measured) if measured else None
     return dict(
-        config=spec.label(), trainable_m=trainable / 1e6,
-        s_per_step=seconds, images_per_s=(batch_size / seconds if seconds else None),
-        resident_gb=resident_gb, peak_gb=(torch.cuda.max_memory_allocated() / 2**30 if cuda else None),
-        gather_s=timings["gather"], write_s=timings["write"], checkpoint_mb=checkpoint_mb,
-        total_s=total, final_loss=(history[-1]["loss"] if history else None), note=note,
+        config=spec.label(),
+        trainable_m=trainable / 1e6,
+        s_per_step=seconds,
+        images_per_s=(batch_size / seconds if seconds else None),
+        resident_gb=resident_gb,
+        peak_gb=(torch.cuda.max_memory_allocated() / 2**30 if cuda else None),
+        gather_s=timings["gather"],
+        write_s=timings["write"],
+        checkpoint_mb=checkpoint_mb,
+        total_s=total,
+        final_loss=(history[-1]["loss"] if history else None),
+        note=note,
     )
 
 
 def run_in_subprocess(spec: RunSpec, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--one", spec.label(), "--size", args.size,
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--one",
+        spec.label(),
+        "--size",
+        args.size,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+    ]
     if args.device:
         command += ["--device", args.device]
     if args.threads:
@@ -152,7 +187,9 @@ def parse_args(argv=None):
     parser.add_argument("--device")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (the paper's: 16)")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--configs", help=f"comma-separated PRECISION:OFFSETS:ckpt|-[:cache] (CUDA default: {GPU_CONFIGS})")
+    parser.add_argument(
+        "--configs", help=f"comma-separated PRECISION:OFFSETS:ckpt|-[:cache] (CUDA default: {GPU_CONFIGS})"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     common.add_common_args(parser)
@@ -170,24 +207,44 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     json_out = common.reserve_stdout_for_json(args.json or bool(args.one))
     if args.one:
-        print(json.dumps(run_one(RunSpec.parse(args.one), args.size, args.batch_size, args.steps, args.device)), file=json_out)
+        print(
+            json.dumps(run_one(RunSpec.parse(args.one), args.size, args.batch_size, args.steps, args.device)),
+            file=json_out,
+        )
         return
     specs = [RunSpec.parse(text) for text in args.configs.split(",")]
     rows = [run_in_subprocess(spec, args) for spec in specs]
     if args.json:
-        print(json.dumps({"size": args.size, "batch_size": args.batch_size, "steps": args.steps, "rows": rows}, indent=2), file=json_out)
+        print(
+            json.dumps({"size": args.size, "batch_size": args.batch_size, "steps": args.steps, "rows": rows}, indent=2),
+            file=json_out,
+        )
         return
     import torch
 
     from e4tcli.device import choose_placement
 
     device = choose_placement(args.device, "auto").device
-    print(f"pretrain bench: size={args.size} {common.resolution_of(args.size)}px batch={args.batch_size} "
-          f"steps={args.steps} device={common.describe_device(device)} torch={torch.__version__}")
-    print("config = precision:offsets:gradient checkpointing[:cached features]; s_per_step = median of steps 3..N; "
-          "peak_gb = torch.cuda.max_memory_allocated over the run")
-    columns = ["config", "trainable_m", "s_per_step", "images_per_s", "resident_gb", "peak_gb", "gather_s",
-               "write_s", "checkpoint_mb", "note"]
+    print(
+        f"pretrain bench: size={args.size} {common.resolution_of(args.size)}px batch={args.batch_size} "
+        f"steps={args.steps} device={common.describe_device(device)} torch={torch.__version__}"
+    )
+    print(
+        "config = precision:offsets:gradient checkpointing[:cached features]; s_per_step = median of steps 3..N; "
+        "peak_gb = torch.cuda.max_memory_allocated over the run"
+    )
+    columns = [
+        "config",
+        "trainable_m",
+        "s_per_step",
+        "images_per_s",
+        "resident_gb",
+        "peak_gb",
+        "gather_s",
+        "write_s",
+        "checkpoint_mb",
+        "note",
+    ]
     common.print_table(rows, columns)
 
 

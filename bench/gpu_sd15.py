@@ -125,15 +125,31 @@ def run(cfg: Config) -> list[dict]:
     backbone_features(backbone, [image], encoder_config.backbone_layers)  # warm-up
     results = []
     seconds, peak, reserved, note = attempt(
-        lambda: backbone_features(backbone, [image], encoder_config.backbone_layers), device, results)
+        lambda: backbone_features(backbone, [image], encoder_config.backbone_layers), device, results
+    )
     features = results[0]
-    rows.append(dict(phase="backbone features", batch=1, grad_ckpt="-", seconds=seconds, peak_gb=peak,
-                     reserved_gb=reserved, note=note))
+    rows.append(
+        dict(
+            phase="backbone features",
+            batch=1,
+            grad_ckpt="-",
+            seconds=seconds,
+            peak_gb=peak,
+            reserved_gb=reserved,
+            note=note,
+        )
+    )
 
     def tune(batch, steps):
         model.load_trainable_state_dict(fresh_state)
-        settings = TuneSettings(steps=steps, learning_rate=1.6e-5, batch_size=batch, resolution=resolution,
-                                lambda_emb=0.1, lambda_weights=1e-4)
+        settings = TuneSettings(
+            steps=steps,
+            learning_rate=1.6e-5,
+            batch_size=batch,
+            resolution=resolution,
+            lambda_emb=0.1,
+            lambda_weights=1e-4,
+        )
         tune_concept(model, image, features, TEMPLATES, settings, training_scheduler(base))
 
     tune(1, 1)  # warm-up
@@ -142,9 +158,17 @@ def run(cfg: Config) -> list[dict]:
             enable_gradient_checkpointing(model)
         for batch in cfg.batches:
             seconds, peak, reserved, note = attempt(lambda: tune(batch, cfg.tune_steps), device)
-            rows.append(dict(phase=f"tune {cfg.tune_steps} steps", batch=batch,
-                             grad_ckpt="on" if checkpointing else "off",
-                             seconds=seconds, peak_gb=peak, reserved_gb=reserved, note=note))
+            rows.append(
+                dict(
+                    phase=f"tune {cfg.tune_steps} steps",
+                    batch=batch,
+                    grad_ckpt="on" if checkpointing else "off",
+                    seconds=seconds,
+                    peak_gb=peak,
+                    reserved_gb=reserved,
+                    note=note,
+                )
+            )
 
     # Generation as `e4t generate` does it: a concept's fixed offsets, models in eval mode.
     model.load_trainable_state_dict(fresh_state)
@@ -152,19 +176,29 @@ def run(cfg: Config) -> list[dict]:
     base.unet.disable_gradient_checkpointing()
     base.unet.eval()
     base.text_encoder.eval()
-    del model
+    model = None  # the training model's encoder and offsets are freed before generation
     generator_model = E4TModel(base, CLASS_WORD, encoder_config, offsets, placement, fixed_offsets=concept)
 
     def generate(count, steps):
-        settings = SamplingSettings(prompt="a photo of S*", num_images=count, steps=steps, height=resolution,
-                                    width=resolution)
+        settings = SamplingSettings(
+            prompt="a photo of S*", num_images=count, steps=steps, height=resolution, width=resolution
+        )
         generate_images(generator_model, features[0], settings)
 
     generate(1, 2)  # warm-up
     for batch in cfg.batches:
         seconds, peak, reserved, note = attempt(lambda: generate(batch, cfg.gen_steps), device)
-        rows.append(dict(phase=f"generate {cfg.gen_steps} steps", batch=batch, grad_ckpt="-", seconds=seconds,
-                         peak_gb=peak, reserved_gb=reserved, note=note))
+        rows.append(
+            dict(
+                phase=f"generate {cfg.gen_steps} steps",
+                batch=batch,
+                grad_ckpt="-",
+                seconds=seconds,
+                peak_gb=peak,
+                reserved_gb=reserved,
+                note=note,
+            )
+        )
     return rows
 
 
@@ -217,9 +251,11 @@ def main(argv=None) -> None:
     from e4tcli.device import choose_placement
 
     placement = choose_placement(cfg.device, cfg.precision)
-    print(f"sd15 bench: size={cfg.size} {common.resolution_of(cfg.size)}px "
-          f"device={common.describe_device(placement.device)} "
-          f"frozen dtype={str(placement.dtype).removeprefix('torch.')} offsets={cfg.offsets} (total {total:.1f} s)")
+    print(
+        f"sd15 bench: size={cfg.size} {common.resolution_of(cfg.size)}px "
+        f"device={common.describe_device(placement.device)} "
+        f"frozen dtype={str(placement.dtype).removeprefix('torch.')} offsets={cfg.offsets} (total {total:.1f} s)"
+    )
     print("peak_gb = torch.cuda.max_memory_allocated per run, incl. resident fp16 base model + backbone (empty on CPU)")
     common.print_table(rows)
     for line in verdicts(rows, cfg):

@@ -41,21 +41,31 @@ def main(argv=None) -> int:
     parser.add_argument("--identities", type=int, default=16)
     parser.add_argument("--seeds-per-prompt", type=int, default=2)
     parser.add_argument("--sampling-steps", type=int, default=25)
-    parser.add_argument("--weights", type=Path, help="a folder with base/, backbone/ and reader.safetensors (default: the installed minifaces package's)")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="a folder with base/, backbone/ and reader.safetensors (default: the installed minifaces package's)",
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--minutes", type=float, default=0.0, help="stop pre-training this long after the start, loading and feature cache included (0: never)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="stop pre-training this long after the start, loading and feature cache included (0: never)",
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_common_args(parser)
     args = parser.parse_args(argv)
     apply_common_args(args)
     json_out = reserve_stdout_for_json(args.json)
 
-    from e4tcli import api
-    from e4tcli.memory import peak_rss_mb
-    from e4tcli.stopping import Interrupted
     from e4t_minifaces import WEIGHTS, minifaces_domain
     from e4t_minifaces.build import write_portraits
     from e4t_minifaces.evaluate import EvalSettings, World, evaluate
+
+    from e4tcli import api
+    from e4tcli.memory import peak_rss_mb
+    from e4tcli.stopping import Interrupted
 
     weights = args.weights or WEIGHTS
     evaluate_at = sorted({int(s) for s in args.evaluate_at.split(",") if s} | {args.steps})
@@ -65,10 +75,21 @@ def main(argv=None) -> int:
     run = args.work / "run"
     every = math.gcd(*evaluate_at)
     options = api.PretrainOptions(
-        data=str(portraits), out=str(run), base_model=str(weights / "base"), backbone=str(weights / "backbone"),
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, lambda_emb=args.lambda_emb,
-        checkpoint_every=every, keep_last=10**6, cache_features=True, device=args.device, precision="fp32",
-        resume="latest" if (run / "latest").exists() else None, force=True,
+        data=str(portraits),
+        out=str(run),
+        base_model=str(weights / "base"),
+        backbone=str(weights / "backbone"),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lambda_emb=args.lambda_emb,
+        checkpoint_every=every,
+        keep_last=10**6,
+        cache_features=True,
+        device=args.device,
+        precision="fp32",
+        resume="latest" if (run / "latest").exists() else None,
+        force=True,
     )
     started = time.perf_counter()
     log = (args.work / "train.log").open("a")
@@ -86,7 +107,9 @@ def main(argv=None) -> int:
         print(f"training stopped early: {stopped}", file=sys.stderr)
     train_seconds = time.perf_counter() - started
 
-    settings = EvalSettings(identities=args.identities, seeds_per_prompt=args.seeds_per_prompt, sampling_steps=args.sampling_steps)
+    settings = EvalSettings(
+        identities=args.identities, seeds_per_prompt=args.seeds_per_prompt, sampling_steps=args.sampling_steps
+    )
     methods = [m for m in args.methods.split(",") if m]
     rows = []
     reached = sorted(int(path.name.removeprefix("checkpoint-")) for path in run.glob("checkpoint-*"))
@@ -95,16 +118,26 @@ def main(argv=None) -> int:
         world = World(weights, device=args.device, checkpoint=folder)
         for score in evaluate(world, methods, settings):
             batch = world.checkpoint.config["training"]["batch_size"]
-            rows.append({
-                "step": step, "portraits seen": step * batch, "method": score.method, "own": round(score.identity, 3),
-                "margin": round(score.margin, 3), "margin se": round(score.margin_stderr, 3), "swap": round(score.swap, 3),
-                "fidelity": round(score.fidelity, 3),
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "portraits seen": step * batch,
+                    "method": score.method,
+                    "own": round(score.identity, 3),
+                    "margin": round(score.margin, 3),
+                    "margin se": round(score.margin_stderr, 3),
+                    "swap": round(score.swap, 3),
+                    "fidelity": round(score.fidelity, 3),
+                }
+            )
         (args.work / "curve.json").write_text(json.dumps({"train_seconds": train_seconds, "rows": rows}, indent=1))
     if args.json:
         print(json.dumps({"train_seconds": train_seconds, "rows": rows}), file=json_out)
         return 0
-    print_table(rows, title=f"{args.portraits} portraits, {args.identities} held-out identities, trained {train_seconds / 60:.1f} min")
+    print_table(
+        rows,
+        title=f"{args.portraits} portraits, {args.identities} held-out identities, trained {train_seconds / 60:.1f} min",
+    )
     return 0
 
 

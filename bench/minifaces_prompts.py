@@ -33,10 +33,10 @@ def main(argv=None) -> int:
     json_out = reserve_stdout_for_json(args.json)
 
     import torch
-
     from e4t_minifaces import WEIGHTS
     from e4t_minifaces.evaluate import EvalSettings, prompt_obedience
     from e4t_minifaces.reader import load_reader
+
     from e4tcli.models.loading import load_base_model
 
     base = load_base_model(str(args.base or WEIGHTS / "base"), torch.device("cpu"), torch.float32)
@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"rows": [vars(r) for r in rows]}), file=json_out)
     else:
-        title = f"{args.seeds} images per prompted value, DDIM {args.sampling_steps} steps, guidance {settings.guidance}"
+        title = (
+            f"{args.seeds} images per prompted value, DDIM {args.sampling_steps} steps, guidance {settings.guidance}"
+        )
         print_table([vars(r) for r in rows], title=title)
     return 0
 

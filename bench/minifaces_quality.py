@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds-per-prompt", type=int, default=2)
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--e4t-lr", type=float, help="E4T's tuning learning rate (default: the domain's)")
-    parser.add_argument("--e4t-lambda-emb", type=float, help="E4T's tuning weight of ||offset||^2 (default: the domain's)")
+    parser.add_argument(
+        "--e4t-lambda-emb", type=float, help="E4T's tuning weight of ||offset||^2 (default: the domain's)"
+    )
     parser.add_argument("--weights", type=Path, help="a weights folder (default: the installed minifaces package's)")
     parser.add_argument("--grid", type=Path, help="save reference + E4T-5 images of each identity here")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
@@ -76,8 +78,11 @@ def main(argv=None) -> int:
 
     w = World(args.weights or WEIGHTS)
     settings = EvalSettings(
-        identities=args.identities, seeds_per_prompt=args.seeds_per_prompt, sampling_steps=args.sampling_steps,
-        e4t_learning_rate=args.e4t_lr, e4t_lambda_emb=args.e4t_lambda_emb,
+        identities=args.identities,
+        seeds_per_prompt=args.seeds_per_prompt,
+        sampling_steps=args.sampling_steps,
+        e4t_learning_rate=args.e4t_lr,
+        e4t_lambda_emb=args.e4t_lambda_emb,
     )
     methods = [m for m in args.methods.split(",") if m]
     grid_rows: dict = {}
@@ -101,8 +106,16 @@ def main(argv=None) -> int:
     ]
     reader = w.reader_accuracy
     if args.json:
-        print(json.dumps({"rows": [vars(s) for s in scores], "reader_accuracy": reader,
-                          "chance_identity": chance_identity_score()}), file=json_out)
+        print(
+            json.dumps(
+                {
+                    "rows": [vars(s) for s in scores],
+                    "reader_accuracy": reader,
+                    "chance_identity": chance_identity_score(),
+                }
+            ),
+            file=json_out,
+        )
     else:
         print_table(
             rows,

@@ -100,7 +100,8 @@ def setup_e4t(base, placement, cfg: Config, kind: str) -> Runner:
     batch = Batch(
         latents=torch.randn(b, 4, side, side, device=device),
         image_features=torch.randn(
-            b, len(encoder_config.backbone_layers), encoder_config.backbone_hidden_size, device=device),
+            b, len(encoder_config.backbone_layers), encoder_config.backbone_hidden_size, device=device
+        ),
         prompt_ids=model.tokenize(prompts),
         class_prompt_ids=model.tokenize([p.replace("S*", CLASS_WORD) for p in prompts]),
     )
@@ -247,8 +248,16 @@ def probe(cfg: Config) -> dict:
 
 
 def measure_memory(cfg: Config, method: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--size", cfg.size, "--batch-size", str(cfg.batch_size),
-               "--probe", method] + (["--device", cfg.device] if cfg.device else [])
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--size",
+        cfg.size,
+        "--batch-size",
+        str(cfg.batch_size),
+        "--probe",
+        method,
+    ] + (["--device", cfg.device] if cfg.device else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"memory probe for {method} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -271,7 +280,7 @@ def run(cfg: Config) -> tuple[list[dict], float]:
             runner.step()
     times = {r.method: [] for r in runners}
     for round_ in range(cfg.steps):
-        order = runners[round_ % len(runners):] + runners[: round_ % len(runners)]
+        order = runners[round_ % len(runners) :] + runners[: round_ % len(runners)]
         for runner in order:
             common.sync(device)
             start = common.time_ns()
@@ -282,13 +291,15 @@ def run(cfg: Config) -> tuple[list[dict], float]:
     rows = []
     for runner in runners:
         ms = common.median(times[runner.method])
-        rows.append({
-            "method": runner.method,
-            "ms_per_step": ms,
-            "min_ms": min(times[runner.method]),
-            "x_dreambooth": ms / reference if reference else None,
-            "trainable_params": runner.trainable,
-        })
+        rows.append(
+            {
+                "method": runner.method,
+                "ms_per_step": ms,
+                "min_ms": min(times[runner.method]),
+                "x_dreambooth": ms / reference if reference else None,
+                "trainable_params": runner.trainable,
+            }
+        )
     if cfg.memory:
         for row in rows:
             row.update(measure_memory(cfg, row["method"]))
@@ -309,8 +320,17 @@ def parse_args(argv=None) -> Config:
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     common.apply_common_args(args)
-    cfg = Config(args.size, args.batch_size, args.steps, args.warmup, args.device, tuple(args.methods.split(",")),
-                 not args.no_memory, args.json, args.probe)
+    cfg = Config(
+        args.size,
+        args.batch_size,
+        args.steps,
+        args.warmup,
+        args.device,
+        tuple(args.methods.split(",")),
+        not args.no_memory,
+        args.json,
+        args.probe,
+    )
     if cfg.batch_size is None:
         cfg.batch_size = 16 if make_placement(cfg.device).device.type == "cuda" else 4
     return cfg
@@ -325,16 +345,26 @@ def main(argv=None) -> None:
         return
     rows, flop_ratio = run(cfg)
     if cfg.json:
-        print(json.dumps({"size": cfg.size, "batch_size": cfg.batch_size, "text_unet_flop_ratio": flop_ratio,
-                          "rows": rows}, indent=2), file=json_out)
+        print(
+            json.dumps(
+                {"size": cfg.size, "batch_size": cfg.batch_size, "text_unet_flop_ratio": flop_ratio, "rows": rows},
+                indent=2,
+            ),
+            file=json_out,
+        )
         return
     placement = make_placement(cfg.device)
     side = common.resolution_of(cfg.size)
-    memory = ("CUDA memory allocated" if placement.device.type == "cuda"
-              else "process RSS minus RSS after imports (VmHWM for the peak)")
-    print(f"tune step: size={cfg.size} {side}px batch={cfg.batch_size} "
-          f"device={common.describe_device(placement.device)} "
-          f"frozen dtype={str(placement.dtype).removeprefix('torch.')} rounds={cfg.steps} (median)")
+    memory = (
+        "CUDA memory allocated"
+        if placement.device.type == "cuda"
+        else "process RSS minus RSS after imports (VmHWM for the peak)"
+    )
+    print(
+        f"tune step: size={cfg.size} {side}px batch={cfg.batch_size} "
+        f"device={common.describe_device(placement.device)} "
+        f"frozen dtype={str(placement.dtype).removeprefix('torch.')} rounds={cfg.steps} (median)"
+    )
     print(f"resident_mb / peak_mb = {memory}, after 1 step / over 2 more steps; fresh process per method")
     print(f"text-encoder/UNet forward FLOPs = {flop_ratio:.3f} (SD 1.5: 0.017; higher inflates e4t and TI)")
     common.print_table(rows)

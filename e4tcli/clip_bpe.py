@@ -38,8 +38,7 @@ def find_bpe_file() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"{BPE_FILENAME} not found: install OpenAI CLIP's tokenizer data with "
-        "`pip install --no-deps clip-anytorch`"
+        f"{BPE_FILENAME} not found: install OpenAI CLIP's tokenizer data with `pip install --no-deps clip-anytorch`"
     )
 
 
@@ -58,9 +57,7 @@ def bytes_to_unicode() -> dict[int, str]:
     soft hyphen) to chr(256 + n) in byte order. Dict order is the vocab order.
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     mapping = {b: chr(b) for b in printable}
     n = 0
@@ -107,8 +104,14 @@ def write_tokenizer_files(out_dir: str | Path) -> Path:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
 
     def added(content: str) -> dict:
-        return {"content": content, "lstrip": False, "normalized": True,
-                "rstrip": False, "single_word": False, "special": True}
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
 
     config = {
         "tokenizer_class": "CLIPTokenizer",

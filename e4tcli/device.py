@@ -42,7 +42,9 @@ def choose_placement(device: Optional[str] = None, precision: str = "auto") -> P
         target = torch.device(device)
         torch.empty(0, device=target)
     except (RuntimeError, AssertionError) as error:
-        raise UsageError(f"device '{device}' is not usable here ({error})", hint="pass --device cpu, or omit --device") from None
+        raise UsageError(
+            f"device '{device}' is not usable here ({error})", hint="pass --device cpu, or omit --device"
+        ) from None
     if precision == "auto":
         precision = "fp16" if target.type == "cuda" else "fp32"
     if target.type == "cpu" and precision != "fp32":

@@ -124,8 +124,10 @@ def fill_template(template: str, metadata: Optional[dict]) -> Optional[str]:
     if not fields_used:
         return template
     metadata = metadata or {}
-    values = {name: "" if metadata.get(name) is None else str(metadata[name]).replace("_", " ").strip()
-              for name in fields_used}
+    values = {
+        name: "" if metadata.get(name) is None else str(metadata[name]).replace("_", " ").strip()
+        for name in fields_used
+    }
     if not all(values.values()):
         return None
     return template.format(**values)

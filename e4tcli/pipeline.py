@@ -74,7 +74,10 @@ class Stopped(Exception):
 
 @torch.no_grad()
 def generate_images(
-    model: E4TModel, image_features: torch.Tensor, settings: SamplingSettings, pipe=None,
+    model: E4TModel,
+    image_features: torch.Tensor,
+    settings: SamplingSettings,
+    pipe=None,
     on_step: Optional[Callable[[], None]] = None,
     fixed_concept: Optional[torch.Tensor] = None,
     on_concept: Optional[Callable[[torch.Tensor], None]] = None,
@@ -108,7 +111,9 @@ def generate_images(
     scheduler = pipe.scheduler
     scheduler.set_timesteps(settings.steps, device=device)
     timesteps = scheduler.timesteps.clone()
-    first = conditional_states(scheduler.scale_model_input(latents * scheduler.init_noise_sigma, timesteps[0]), timesteps[0])
+    first = conditional_states(
+        scheduler.scale_model_input(latents * scheduler.init_noise_sigma, timesteps[0]), timesteps[0]
+    )
 
     def on_step_end(pipeline, index, _timestep, tensors):
         if on_step is not None:

@@ -13,6 +13,7 @@ Environment:
     E4T_DEBUG=1                    show the traceback of a failing plugin
 """
 
+import difflib
 import os
 import sys
 import traceback
@@ -65,6 +66,9 @@ class DomainRegistry:
         self.domains: dict[str, RegisteredDomain] = {}
         self.plugins: list[PluginInfo] = []
         self.problems: list[str] = []
+        """One line per problem, naming the plugin."""
+        self.broken: list[tuple[PluginInfo, str]] = []
+        """The same problems by plugin (for ``e4t domains --all``)."""
 
     def names(self) -> list[str]:
         return sorted(self.domains)
@@ -79,6 +83,10 @@ class DomainRegistry:
                 hint="install more with 'pip install <plugin package>' (any package with an 'e4t' entry point)",
             ) from None
 
+    def report(self, plugin: PluginInfo, problem: str) -> None:
+        self.problems.append(f"{plugin.describe()} {problem}")
+        self.broken.append((plugin, problem))
+
     def add(self, domain: Any, plugin: PluginInfo) -> None:
         """Validate and add ``domain``; a bad one is skipped with a problem line."""
         problems = validate_domain(domain)
@@ -87,7 +95,7 @@ class DomainRegistry:
             problems = [f"domain name '{domain.name}' is already registered by {owner.describe()}"]
         if problems:
             label = getattr(domain, "name", "?")
-            self.problems.append(f"{plugin.describe()} registered an invalid domain '{label}': {'; '.join(problems)}")
+            self.report(plugin, f"registered an invalid domain '{label}': {'; '.join(problems)}")
             return
         self.domains[domain.name] = RegisteredDomain(domain, plugin)
 
@@ -110,14 +118,44 @@ def _wanted(info: PluginInfo) -> bool:
 
 def _problem(registry: DomainRegistry, info: PluginInfo, action: str, error: BaseException) -> None:
     reason = f"{type(error).__name__}: {error}"
-    registry.problems.append(f"{info.describe()} failed to {action}: {reason}")
+    registry.report(info, f"failed to {action}: {reason}")
     if debug_enabled():
         traceback.print_exception(error, file=sys.stderr)
 
 
-def load_registry(
-    extra_plugins: Iterable[tuple[str, Any]] = (), *, use_entry_points: bool = True
-) -> DomainRegistry:
+def _register_strictly(manager: pluggy.PluginManager, plugin: Any, name: str) -> Optional[str]:
+    """Register ``plugin``; what is wrong with it as one phrase (then it is not registered), else None.
+
+    pluggy alone would accept a misspelled hook silently (it waits for a spec that never comes) and
+    refuse a wrong signature with a multi-line message."""
+    known = {hook for hook in dir(hookspecs) if hasattr(getattr(hookspecs, hook), "e4t_spec")}
+    try:
+        manager.register(plugin, name=name)
+    except pluggy.PluginValidationError as error:
+        hook = next((h for h in known if h in str(error)), "its hook")
+        return f"implements {hook} with parameters its spec does not have: use {_signature_hint(hook)}"
+    except Exception as error:
+        return f"failed to load: {type(error).__name__}: {error}"
+    unknown = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [] if not caller.has_spec())
+    implemented = [caller.name for caller in manager.get_hookcallers(plugin) or [] if caller.has_spec()]
+    if unknown or not implemented:
+        manager.unregister(plugin)
+        if unknown:
+            guess = difflib.get_close_matches(unknown[0], known, n=1)
+            fix = f"did you mean '{guess[0]}'?" if guess else "known hooks: " + ", ".join(sorted(known))
+            return f"implements unknown hook '{unknown[0]}': {fix}"
+        return "implements no e4t hook: mark its register_domains function with @e4tcli.hookimpl"
+    return None
+
+
+def _signature_hint(hook: str) -> str:
+    import inspect
+
+    spec = getattr(hookspecs, hook, None)
+    return f"def {hook}({', '.join(inspect.signature(spec).parameters)})" if spec else "e4tcli.hookspecs' signature"
+
+
+def load_registry(extra_plugins: Iterable[tuple[str, Any]] = (), *, use_entry_points: bool = True) -> DomainRegistry:
     """Load plugins (entry points, then ``extra_plugins``) and collect their domains."""
     registry = DomainRegistry()
     manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
@@ -139,9 +177,12 @@ def load_registry(
     for info, source in candidates:
         try:
             plugin = source.load() if isinstance(source, EntryPoint) else source
-            manager.register(plugin, name=info.name)
         except Exception as error:  # a broken plugin must not break e4t
             _problem(registry, info, "load", error)
+            continue
+        problem = _register_strictly(manager, plugin, info.name)
+        if problem:
+            registry.report(info, problem)
             continue
         registry.plugins.append(info)
 

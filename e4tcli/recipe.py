@@ -16,7 +16,7 @@ from e4tcli.errors import UsageError
 
 def recipe_fields() -> dict[str, type]:
     """Recipe key -> expected Python type (``domain`` plus every PretrainOptions field)."""
-    from e4tcli.api import PretrainOptions
+    from e4tcli.options import PretrainOptions
 
     fields = {"domain": str}
     for field in dataclasses.fields(PretrainOptions):
@@ -36,16 +36,16 @@ def load_recipe(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise UsageError(f"{path} is not valid YAML ({str(error).splitlines()[0]})", hint="fix the recipe file") from None
+        raise UsageError(
+            f"{path} is not valid YAML ({str(error).splitlines()[0]})", hint="fix the recipe file"
+        ) from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} must be a mapping of option names to values", hint="e.g. 'steps: 1000'")
     known = recipe_fields()
     for key, value in data.items():
         key_name = str(key).replace("-", "_")
         if key_name not in known:
-            raise UsageError(
-                f"unknown recipe key '{key}' in {path}", hint=f"valid keys: {', '.join(sorted(known))}"
-            )
+            raise UsageError(f"unknown recipe key '{key}' in {path}", hint=f"valid keys: {', '.join(sorted(known))}")
         expected = known[key_name]
         ok = value is None or isinstance(value, expected) or (expected is float and isinstance(value, int))
         if not ok or (expected is int and isinstance(value, bool)):

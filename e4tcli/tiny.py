@@ -66,9 +66,7 @@ def _scheduler(prediction_type: str):
         return PNDMScheduler(skip_prk_steps=True, **common)
     if prediction_type == "v_prediction":
         return DDIMScheduler(clip_sample=False, **common)
-    raise ValueError(
-        f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}"
-    )
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
 
 
 def build_tiny_base_model(

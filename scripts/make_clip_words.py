@@ -49,8 +49,7 @@ def write(out: Path) -> int:
     words = clip_words()
     data = ("\n".join(words) + "\n").encode("utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
-                                               compresslevel=9, mtime=0) as gz:
+    with open(out, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
         gz.write(data)
     return len(words)
 

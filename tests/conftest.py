@@ -71,8 +71,14 @@ def tiny_checkpoint(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder, cats
 
     out = tmp_path_factory.mktemp("ckpt") / "cats"
     options = api.PretrainOptions(
-        data=str(photo_folder), out=str(out), base_model=str(tiny_sd), backbone=str(tiny_backbone),
-        steps=2, batch_size=2, resolution=64, encoder_hidden_dim=64,
+        data=str(photo_folder),
+        out=str(out),
+        base_model=str(tiny_sd),
+        backbone=str(tiny_backbone),
+        steps=2,
+        batch_size=2,
+        resolution=64,
+        encoder_hidden_dim=64,
     )
     api.pretrain(options, cats_domain)
     return out

@@ -3,7 +3,7 @@
 import textwrap
 from pathlib import Path
 
-GOOD_DOMAIN = '''
+GOOD_DOMAIN = """
 from e4tcli import Domain, PhaseDefaults, hookimpl
 from e4tcli.datasets import image_folder
 
@@ -23,7 +23,7 @@ def make(name, class_word="dog", **overrides):
     )
     fields.update(overrides)
     return Domain(**fields)
-'''
+"""
 
 
 def plugin_source(body: str) -> str:

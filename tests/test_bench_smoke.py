@@ -5,27 +5,49 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(script, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--json"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
 
 
 def test_gpu_script_runs_on_cpu_at_tiny_size():
-    report = run("gpu_sd15.py", "--size", "tiny", "--batches", "1", "--tune-steps", "1", "--gen-steps", "2",
-                 "--device", "cpu")
+    report = run(
+        "gpu_sd15.py", "--size", "tiny", "--batches", "1", "--tune-steps", "1", "--gen-steps", "2", "--device", "cpu"
+    )
     phases = [row["phase"] for row in report["rows"]]
     assert any(p.startswith("tune") for p in phases) and any("generat" in p for p in phases)
     assert all(row["note"] == "ok" and row["seconds"] > 0 for row in report["rows"])
 
 
+@pytest.mark.slow
 def test_pretrain_gpu_script_runs_on_cpu_at_tiny_size():
-    report = run("gpu_pretrain.py", "--size", "tiny", "--configs", "fp32:paper:-,fp32:lowrank:ckpt:cache",
-                 "--batch-size", "2", "--steps", "3", "--device", "cpu", "--threads", "1")
+    report = run(
+        "gpu_pretrain.py",
+        "--size",
+        "tiny",
+        "--configs",
+        "fp32:paper:-,fp32:lowrank:ckpt:cache",
+        "--batch-size",
+        "2",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    )
     paper, lowrank = report["rows"]
     assert paper["note"] == lowrank["note"] == "ok"
     assert all(row["s_per_step"] > 0 and row["final_loss"] > 0 for row in (paper, lowrank))
@@ -33,9 +55,21 @@ def test_pretrain_gpu_script_runs_on_cpu_at_tiny_size():
     assert paper["trainable_m"] > lowrank["trainable_m"] and paper["checkpoint_mb"] > lowrank["checkpoint_mb"]
 
 
+@pytest.mark.slow
 def test_minifaces_quality_runs_every_kind_of_method():
-    report = run("minifaces_quality.py", "--methods", "base,e4t-1,e4t-encoder-1,ti-2,dreambooth-2", "--identities", "2",
-                 "--seeds-per-prompt", "1", "--sampling-steps", "4", "--threads", "1")
+    report = run(
+        "minifaces_quality.py",
+        "--methods",
+        "base,e4t-1,e4t-encoder-1,ti-2,dreambooth-2",
+        "--identities",
+        "2",
+        "--seeds-per-prompt",
+        "1",
+        "--sampling-steps",
+        "4",
+        "--threads",
+        "1",
+    )
     rows = {row["method"]: row for row in report["rows"]}
     assert list(rows) == ["base", "e4t-1", "e4t-encoder-1", "ti-2", "dreambooth-2"]
     for row in rows.values():
@@ -48,9 +82,33 @@ def test_minifaces_quality_runs_every_kind_of_method():
     assert all(rows[m]["tune_seconds"] > 0 for m in ("e4t-1", "ti-2", "dreambooth-2"))
 
 
+@pytest.mark.slow
 def test_minifaces_curve_pretrains_and_scores_its_checkpoints(tmp_path):
-    report = run("minifaces_curve.py", "--work", str(tmp_path), "--steps", "2", "--evaluate-at", "1", "--portraits", "8",
-                 "--batch-size", "2", "--identities", "2", "--seeds-per-prompt", "1", "--sampling-steps", "2",
-                 "--methods", "e4t-0", "--threads", "1")
-    assert [(row["step"], row["portraits seen"], row["method"]) for row in report["rows"]] == [(1, 2, "e4t-0"), (2, 4, "e4t-0")]
+    report = run(
+        "minifaces_curve.py",
+        "--work",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--evaluate-at",
+        "1",
+        "--portraits",
+        "8",
+        "--batch-size",
+        "2",
+        "--identities",
+        "2",
+        "--seeds-per-prompt",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--methods",
+        "e4t-0",
+        "--threads",
+        "1",
+    )
+    assert [(row["step"], row["portraits seen"], row["method"]) for row in report["rows"]] == [
+        (1, 2, "e4t-0"),
+        (2, 4, "e4t-0"),
+    ]
     assert (tmp_path / "run" / "checkpoint-0000001").is_dir() and (tmp_path / "run" / "checkpoint-0000002").is_dir()

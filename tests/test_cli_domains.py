@@ -96,3 +96,30 @@ def test_debug_shows_plugin_traceback(tmp_path, monkeypatch):
     result = runner.invoke(app, ["domains"])
     assert result.exit_code == 0
     assert "Traceback" in result.stderr and "needs libbar" in result.stderr
+
+
+def test_distribution_version_is_the_package_version():
+    """pyproject.toml reads its version from ``e4tcli.__version__``: the installed metadata agrees."""
+    from importlib.metadata import version
+
+    assert version("e4t") == __version__
+
+
+def test_domains_all_shows_broken_plugins_and_why(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    misspelled = """
+    @hookimpl
+    def register_domain(register):
+        register(make("ponies"))
+    """
+    install_distribution(site, "e4t-ponies", "e4t_ponies_plugin", plugin_source(misspelled), "ponies")
+    monkeypatch.syspath_prepend(str(site))
+    listed = runner.invoke(app, ["domains", "--all", "--json"])
+    assert listed.exit_code == 0
+    report = json.loads(listed.stdout)
+    assert [(p["plugin"], p["distribution"]) for p in report["problems"]] == [("ponies", "e4t-ponies")]
+    assert "did you mean 'register_domains'?" in report["problems"][0]["problem"]
+    assert "E4T_BLOCK_PLUGINS=ponies" in listed.stderr
+    table = runner.invoke(app, ["domains", "--all"])
+    assert "ponies" in table.stdout and "implements unknown hook" in table.stdout
+    assert "problems" not in json.loads(runner.invoke(app, ["domains", "--json"]).stdout)

@@ -170,7 +170,12 @@ def test_tar_shards_from_a_folder_with_metadata_and_a_corrupt_member(shard_folde
     for i, name in [(0, "chelsea"), (1, "coffee"), (3, "astronaut"), (4, "rocket"), (5, "cat")]:
         assert same_picture(images[i], photos[name]), name
     meta = data.metadata(3)
-    assert meta == {"name": "astronaut", "txt": "a photo of astronaut", "key": "part/astronaut", "shard": "shards-001.tar"}
+    assert meta == {
+        "name": "astronaut",
+        "txt": "a photo of astronaut",
+        "key": "part/astronaut",
+        "shard": "shards-001.tar",
+    }
     assert data.sample(2)[1]["key"] == "part/astronaut"
 
 
@@ -179,7 +184,12 @@ def test_brace_patterns_single_tar_and_missing_shards(shard_folder):
     assert expand_braces("{a,b}-{8..10}") == ["a-8", "a-9", "a-10", "b-8", "b-9", "b-10"]
     assert expand_braces("plain{x}.tar") == ["plain{x}.tar"]
     assert len(TarShards(f"{shard_folder}/shards-{{000..002}}.tar")) == 6
-    assert TarShards(f"{shard_folder}/shards-{{000..001}}.tar").keys == ["chelsea", "coffee", "broken", "part/astronaut"]
+    assert TarShards(f"{shard_folder}/shards-{{000..001}}.tar").keys == [
+        "chelsea",
+        "coffee",
+        "broken",
+        "part/astronaut",
+    ]
     assert TarShards(shard_folder / "shards-002.tar").keys == ["rocket", "cat"]
     with pytest.raises(UsageError, match=r"tar shard not found: .*shards-003.tar \(2 of 5 missing\)"):
         TarShards(f"{shard_folder}/shards-{{000..004}}.tar")
@@ -425,7 +435,9 @@ def test_art_prompts_use_the_wikiart_style_name(wikiart_root):
     styled = [t for t in art.prompt_templates if "{style}" in t]
     assert styled, "the art domain has a template using the style name"
     data = WikiArt(wikiart_root)
-    prompts = {data.metadata(i)["path"]: sample_prompt(styled[0], data.metadata(i), "plain S*") for i in range(len(data))}
+    prompts = {
+        data.metadata(i)["path"]: sample_prompt(styled[0], data.metadata(i), "plain S*") for i in range(len(data))
+    }
     assert prompts["Ukiyo_e/katsushika-hokusai_the-great-wave.jpg"] == styled[0].format(style="Ukiyo e")
     assert prompts["Baroque/rembrandt_self-portrait.jpg"] == styled[0].format(style="Baroque")
     plain_folder = ImageFolder(wikiart_root / "Baroque")
@@ -459,8 +471,14 @@ def test_a_substituted_painting_is_prompted_with_its_own_style(wikiart_root, tmp
     assert sample_prompt("a {style} painting of S*", metadata[0], "S*") == f"a {replacement['style']} painting of S*"
 
     cache = FeatureCache(tmp_path / "cache")
-    cache.build({"test": 1}, data, len(data), lambda arrays: tuple(torch.zeros(len(arrays), 1) for _ in range(3)), 16,
-                with_metadata=True)
+    cache.build(
+        {"test": 1},
+        data,
+        len(data),
+        lambda arrays: tuple(torch.zeros(len(arrays), 1) for _ in range(3)),
+        16,
+        with_metadata=True,
+    )
     for flip in (False, True):
         assert cache.lookup(broken, flip)[3]["path"] == replacement["path"]
         assert cache.lookup(broken - 1, flip)[3]["path"] == data.metadata(broken - 1)["path"]
@@ -492,4 +510,6 @@ def test_feature_cache_encodes_a_chunk_in_small_batches(photo_folder, tmp_path, 
             mean, std, features, _ = cache.lookup(index, flip)
             array = data_module.decode(images, index, 16)[0]
             alone = encode([np.ascontiguousarray(array[:, ::-1]) if flip else array])
-            assert torch.equal(mean, alone[0][0]) and torch.equal(std, alone[1][0]) and torch.equal(features, alone[2][0])
+            assert (
+                torch.equal(mean, alone[0][0]) and torch.equal(std, alone[1][0]) and torch.equal(features, alone[2][0])
+            )

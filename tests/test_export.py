@@ -27,20 +27,58 @@ def concept(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
 
     root = tmp_path_factory.mktemp("export")
     checkpoint = root / "checkpoint"
-    result = runner.invoke(app, [
-        "pretrain", "--domain", "cats", "--data", str(photo_folder), "--out", str(checkpoint),
-        "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "2", "--batch-size", "2",
-        "--resolution", "64", "--encoder-hidden-dim", "64", "--offset-layers", "attention+resnets",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--domain",
+            "cats",
+            "--data",
+            str(photo_folder),
+            "--out",
+            str(checkpoint),
+            "--base-model",
+            str(tiny_sd),
+            "--backbone",
+            str(tiny_backbone),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--resolution",
+            "64",
+            "--encoder-hidden-dim",
+            "64",
+            "--offset-layers",
+            "attention+resnets",
+        ],
+    )
     assert result.exit_code == 0, result.output
     tuned = root / "tuned.safetensors"
-    result = runner.invoke(app, ["tune", str(photo_folder / "chelsea.png"), "--domain", "cats", "--checkpoint",
-                                 str(checkpoint), "--steps", "2", "--batch-size", "2", "--out", str(tuned)])
+    result = runner.invoke(
+        app,
+        [
+            "tune",
+            str(photo_folder / "chelsea.png"),
+            "--domain",
+            "cats",
+            "--checkpoint",
+            str(checkpoint),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tuned),
+        ],
+    )
     assert result.exit_code == 0, result.output
     loaded = load_concept(tuned)
     generator = torch.Generator().manual_seed(0)
-    tensors = {name: (torch.randn(value.shape, generator=generator) if name.startswith("offsets.") else value)
-               for name, value in loaded.tensors.items()}
+    tensors = {
+        name: (torch.randn(value.shape, generator=generator) if name.startswith("offsets.") else value)
+        for name, value in loaded.tensors.items()
+    }
     path = root / "chelsea.safetensors"
     save_concept(path, tensors, loaded.info, precision="fp32")
     return path
@@ -62,15 +100,22 @@ def plain_pipeline(tiny_sd):
 
 def draw(pipe, prompt, seed=0, steps=4):
     """Same noise and sampler randomness as ``e4t generate`` draws image 0 of seed ``seed`` with."""
-    from e4tcli.pipeline import initial_latents, SamplingSettings
+    from e4tcli.pipeline import SamplingSettings, initial_latents
 
     class Shape:  # initial_latents reads the model's shapes only
         vae, unet = pipe.vae, pipe.unet
         placement = type("P", (), {"device": torch.device("cpu")})
 
     latents = initial_latents(Shape, SamplingSettings(prompt=prompt, seed=seed, height=64, width=64))
-    image = pipe(prompt, latents=latents, num_inference_steps=steps, height=64, width=64,
-                 generator=[torch.Generator().manual_seed(seed + 10_000)], output_type="np").images[0]
+    image = pipe(
+        prompt,
+        latents=latents,
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        generator=[torch.Generator().manual_seed(seed + 10_000)],
+        output_type="np",
+    ).images[0]
     return image
 
 
@@ -80,8 +125,12 @@ def draw_e4t(concept, tiny_sd, prompt, fixed, steps=4):
     from e4tcli.pipeline import SamplingSettings, generate_images
 
     model, loaded = load_concept_model(str(concept), str(tiny_sd), choose_placement("cpu"))
-    image = generate_images(model, loaded.image_features, SamplingSettings(prompt=prompt, steps=steps, height=64, width=64),
-                            fixed_concept=fixed)[0]
+    image = generate_images(
+        model,
+        loaded.image_features,
+        SamplingSettings(prompt=prompt, steps=steps, height=64, width=64),
+        fixed_concept=fixed,
+    )[0]
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
@@ -164,10 +213,14 @@ def test_truncated_lora_keeps_the_largest_singular_values():
     np.testing.assert_allclose((full.up @ full.down).numpy(), change.numpy(), atol=1e-5)
 
     conv_weight = torch.randn(6, 4, 3, 3, generator=generator)
-    conv_change = weight_change(conv_weight, torch.randn(6, 2, generator=generator), torch.randn(4, 2, generator=generator))
+    conv_change = weight_change(
+        conv_weight, torch.randn(6, 2, generator=generator), torch.randn(4, 2, generator=generator)
+    )
     lora = factor(conv_change)
     assert lora.down.shape == (6, 4, 3, 3) and lora.up.shape == (6, 6, 1, 1)
-    rebuilt = torch.nn.functional.conv2d(torch.nn.functional.conv2d(torch.ones(1, 4, 5, 5), lora.down, padding=1), lora.up)
+    rebuilt = torch.nn.functional.conv2d(
+        torch.nn.functional.conv2d(torch.ones(1, 4, 5, 5), lora.down, padding=1), lora.up
+    )
     expected = torch.nn.functional.conv2d(torch.ones(1, 4, 5, 5), conv_change.float(), padding=1)
     torch.testing.assert_close(rebuilt, expected, atol=1e-4, rtol=1e-4)
 
@@ -176,8 +229,9 @@ def test_export_never_replaces_files_without_force(concept, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "sks-kitty.safetensors").write_bytes(b"precious")
-    line = one_line_error(runner.invoke(app, ["export", str(concept), "--format", "kohya", "--out", str(out),
-                                              "--token", "sks-kitty"]))
+    line = one_line_error(
+        runner.invoke(app, ["export", str(concept), "--format", "kohya", "--out", str(out), "--token", "sks-kitty"])
+    )
     assert "sks-kitty.safetensors already exists" in line and "--force" in line
     assert sorted(p.name for p in out.iterdir()) == ["sks-kitty.safetensors"]
     assert (out / "sks-kitty.safetensors").read_bytes() == b"precious"
@@ -233,8 +287,9 @@ def test_concept_info_describes_concepts_and_exported_files(concept, tmp_path):
     assert "is not an e4t concept or exported file" in line
 
 
-def test_readme_script_draws_an_exported_concept(concept, tiny_sd, tmp_path):
-    """The README's plain diffusers script, pointed at the tiny model and a fresh export, runs."""
+@pytest.mark.slow
+def test_docs_script_draws_an_exported_concept(concept, tiny_sd, tmp_path):
+    """docs/export.md's plain diffusers script, pointed at the tiny model and a fresh export, runs."""
     import re
     import subprocess
     import sys
@@ -242,13 +297,17 @@ def test_readme_script_draws_an_exported_concept(concept, tiny_sd, tmp_path):
 
     from PIL import Image
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    script = next(block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-                  if block.startswith("# draw_exported.py"))
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    script = next(
+        block
+        for block in re.findall(r"```python\n(.*?)```", docs, flags=re.S)
+        if block.startswith("# draw_exported.py")
+    )
     exported = export(concept, tmp_path / "my-cat", "--format", "diffusers", "--rank", "4")
     script, replaced = re.subn(r'^base = "[^"]+"', f'base = "{tiny_sd}"', script, flags=re.M)
-    script, also = re.subn(r'^folder, token = "my-cat", "my-cat"', f'folder, token = "my-cat", "{exported["token"]}"',
-                           script, flags=re.M)
+    script, also = re.subn(
+        r'^folder, token = "my-cat", "my-cat"', f'folder, token = "my-cat", "{exported["token"]}"', script, flags=re.M
+    )
     assert replaced == also == 1
     (tmp_path / "draw_exported.py").write_text(script)
     result = subprocess.run([sys.executable, "draw_exported.py"], cwd=tmp_path, capture_output=True, text=True)

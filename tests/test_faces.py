@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 import skimage.data
+from e4t_faces.faces import align_face, detect_face, face_mask
 from PIL import Image
 from typer.testing import CliRunner
 
-from e4t_faces.faces import align_face, detect_face, face_mask
 from e4tcli.errors import UsageError
 
 
@@ -47,7 +47,9 @@ def test_astronaut_crop_is_square_and_framed_like_ffhq(astronaut):
     m = crop.width // 2
     crop_patch = np.asarray(crop, np.float32)[m - r : m + r, m - r : m + r]
     assert np.abs(photo_patch - crop_patch).mean() < 12
-    assert np.abs(photo_patch - np.asarray(astronaut, np.float32)[cy - r : cy + r, cx - r + 30 : cx + r + 30]).mean() > 25
+    assert (
+        np.abs(photo_patch - np.asarray(astronaut, np.float32)[cy - r : cy + r, cx - r + 30 : cx + r + 30]).mean() > 25
+    )
 
 
 @pytest.mark.parametrize("turn", [-20, 15])
@@ -82,6 +84,7 @@ def test_mask_is_white_on_the_face_and_black_in_the_corners(size):
 
 def test_domains_register_with_their_loaders_and_list():
     from e4t_faces import faces
+
     from e4tcli.cli import app
     from e4tcli.cli.output import reset_registry
     from e4tcli.datasets import any_images

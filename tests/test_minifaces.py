@@ -8,27 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
+from e4t_minifaces import EXAMPLES, WEIGHTS, minifaces_domain, world
 from PIL import Image
 from typer.testing import CliRunner
 
-from e4t_minifaces import EXAMPLES, WEIGHTS, minifaces_domain, world
-
 runner = CliRunner()
 
-MARGIN_MIN = 0.03
-"""E4T-5's identity margin (own score minus the score of the same images against the other evaluated
-identities; the base model's is 0 by construction) must reach at least this. Measured on these 8
-identities with the shipped models: 0.076; its standard error, paired against the base model's
-per-identity margins, is 0.031, so the bound is the measurement less 1.5 standard errors (room for other
-machines' arithmetic) and still a win no method that ignores the reference can score."""
-SWAP_MIN = 0.6
-"""Images made from B's portrait must match B better than another identity A in most ordered pairs
-(0.5 for a method that ignores the reference; measured 0.67)."""
-IMPROVED_MIN = 6
-"""Identities whose margin E4T-5 raises above the base model's (which is how typical each face is):
-measured 7 of 8."""
-FIDELITY_LOSS_MAX = 0.25
-"""...while losing at most this much prompt fidelity (share of images with the prompted background)."""
+STANDARD_ERRORS = 2
+"""A claim holds when it clears chance by this many standard errors (about 97.5% one-sided): the bounds
+below follow from what each check means, not from one observed run."""
 
 
 # --------------------------------------------------------------------------- the generator
@@ -69,7 +57,9 @@ def test_captions_name_the_scene_never_the_identity():
         assert words & set(world.BACKGROUNDS) <= {sample.scene.background}
 
 
-@pytest.mark.parametrize("weights", [world.DESCRIBED_COUNT_WEIGHTS, world.FULL_DESCRIPTION_WEIGHTS], ids=["shipped", "full"])
+@pytest.mark.parametrize(
+    "weights", [world.DESCRIBED_COUNT_WEIGHTS, world.FULL_DESCRIPTION_WEIGHTS], ids=["shipped", "full"]
+)
 def test_described_captions_name_only_true_attributes_as_often_as_asked(weights):
     """Described captions use appearance words for the face's own attributes, as many as the weights ask for
     (all it shows when it shows fewer)."""
@@ -96,7 +86,10 @@ def test_described_captions_name_only_true_attributes_as_often_as_asked(weights)
             expected[min(count, shown)] += weight
     assert np.abs(observed - expected).max() / 1000 < 0.05, (observed, expected)
     assert observed[0] > 50 and observed[most] > 300  # captions without a description remain; most name the most
-    plain, described = world.samples(seed=4), world.samples(seed=4, describe_attributes=True, description_weights=tuple(weights))
+    plain, described = (
+        world.samples(seed=4),
+        world.samples(seed=4, describe_attributes=True, description_weights=tuple(weights)),
+    )
     for _ in range(50):  # the same images and scenes either way: only the words differ
         a, b = next(plain), next(described)
         assert (a.identity, a.scene) == (b.identity, b.scene)
@@ -149,10 +142,21 @@ def test_main_job_tunes_an_example_and_generates_it(tmp_path):
     result = runner.invoke(app, ["tune", str(example), "--domain", "minifaces", "--out", str(concept), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 5
-    result = runner.invoke(app, [
-        "generate", str(concept), "a S* on a red background", "--num-images", "2", "--steps", "10",
-        "--out", str(tmp_path / "out"), "--json",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            str(concept),
+            "a S* on a red background",
+            "--num-images",
+            "2",
+            "--steps",
+            "10",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     images = [Image.open(p) for p in json.loads(result.stdout)["images"]]
     assert [i.size for i in images] == [(world.RESOLUTION, world.RESOLUTION)] * 2
@@ -161,6 +165,7 @@ def test_main_job_tunes_an_example_and_generates_it(tmp_path):
 def test_checkpoint_whose_recorded_model_folder_moved_falls_back_to_the_domains(tmp_path):
     """The shipped checkpoint records the build machine's folders; the installed package's are used instead."""
     from e4tcli import api
+    from e4tcli.io.sources import recorded_source
 
     moved = tmp_path / "checkpoint"
     shutil.copytree(WEIGHTS / "checkpoint", moved)
@@ -168,10 +173,12 @@ def test_checkpoint_whose_recorded_model_folder_moved_falls_back_to_the_domains(
     config["base_model"]["source"] = str(tmp_path / "gone" / "base")
     config["backbone"]["source"] = str(tmp_path / "gone" / "backbone")
     (moved / "config.json").write_text(json.dumps(config))
-    options = api.TuneOptions(image=str(EXAMPLES / "otto.png"), checkpoint=str(moved), out=str(tmp_path / "o.safetensors"), steps=1)
+    options = api.TuneOptions(
+        image=str(EXAMPLES / "otto.png"), checkpoint=str(moved), out=str(tmp_path / "o.safetensors"), steps=1
+    )
     result = api.tune(options, minifaces_domain())
     assert result.concept.is_file()
-    assert api.recorded_source("relative/hub-id", "fallback") == "relative/hub-id"
+    assert recorded_source("relative/hub-id", "fallback") == "relative/hub-id"
 
 
 # --------------------------------------------------------------------------- the identity margin
@@ -209,19 +216,28 @@ def quality_scores():
     from e4t_minifaces.evaluate import EvalSettings, World, evaluate
 
     settings = EvalSettings(identities=8, seeds_per_prompt=2, backgrounds=("red", "blue"), sampling_steps=20)
-    return {s.method: s for s in evaluate(World(WEIGHTS), ["base", "e4t-5"], settings)}
+    scores = {s.method: s for s in evaluate(World(WEIGHTS), ["base", "e4t-5"], settings)}
+    return {**scores, "images": settings.identities * settings.seeds_per_prompt * len(settings.backgrounds)}
 
 
+@pytest.mark.slow
 def test_e4t_five_steps_draws_each_reference_not_a_typical_face(quality_scores):
     base, e4t = quality_scores["base"], quality_scores["e4t-5"]
     assert abs(base.margin) < 1e-9 and base.swap == 0.5, base  # the base model ignores the reference
-    assert e4t.margin >= MARGIN_MIN, e4t
-    assert e4t.swap >= SWAP_MIN, e4t
+    # each reference's own attributes come back more often than other identities' (margin above 0)...
+    assert e4t.margin > STANDARD_ERRORS * e4t.margin_stderr, e4t
+    # ...B's images match B better than A in most ordered pairs, and most identities gain
+    assert e4t.swap > 0.5, e4t
     improved = sum(e > b for b, e in zip(base.per_identity_margin, e4t.per_identity_margin))
-    assert improved >= IMPROVED_MIN, (base.per_identity_margin, e4t.per_identity_margin)
+    assert improved > len(e4t.per_identity_margin) / 2, (base.per_identity_margin, e4t.per_identity_margin)
 
 
+@pytest.mark.slow
 def test_e4t_keeps_prompt_fidelity(quality_scores):
+    """Personalizing loses no more of the prompted scene than chance explains: the drop from the base
+    model's fidelity stays within the standard errors of a share of this many images, plus one image."""
     base, e4t = quality_scores["base"], quality_scores["e4t-5"]
-    assert base.fidelity >= 0.75, base
-    assert base.fidelity - e4t.fidelity <= FIDELITY_LOSS_MAX, (base, e4t)
+    images = quality_scores["images"]
+    assert base.fidelity > 0.5, base  # the base model draws the prompted background in most images
+    spread = (e4t.fidelity * (1 - e4t.fidelity) / images) ** 0.5
+    assert base.fidelity - e4t.fidelity <= STANDARD_ERRORS * spread + 1 / images, (base, e4t)

@@ -14,8 +14,11 @@ from e4tcli.training.step import Batch, training_step
 def build(tiny_sd, kind="paper", layers="attention", fixed_offsets=None):
     base = load_base_model(str(tiny_sd))
     config = EncoderConfig(
-        backbone_hidden_size=32, backbone_layers=(2, 4), unet_channels=unet_channels(base.unet),
-        embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1], hidden_dim=48,
+        backbone_hidden_size=32,
+        backbone_layers=(2, 4),
+        unet_channels=unet_channels(base.unet),
+        embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1],
+        hidden_dim=48,
     )
     offsets = OffsetConfig(kind=kind, rank=2, layers=layers)
     return E4TModel(base, "cat", config, offsets, choose_placement("cpu"), fixed_offsets=fixed_offsets)
@@ -24,6 +27,13 @@ def build(tiny_sd, kind="paper", layers="attention", fixed_offsets=None):
 def unet_inputs(seed=0, batch=2):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(batch, 77, 32, generator=g)
+
+
+def test_every_offset_kind_users_may_choose_has_its_class():
+    from e4tcli.domain import OFFSET_KINDS
+    from e4tcli.models.weight_offsets import OFFSET_CLASSES
+
+    assert tuple(OFFSET_CLASSES) == OFFSET_KINDS
 
 
 @pytest.mark.parametrize("kind", ["paper", "lowrank"])
@@ -85,7 +95,9 @@ def test_resnet_offsets_modulate_each_convolution_channel_pair_and_survive_a_con
     x = torch.randn(2, conv.in_channels, 8, 8)
     delta = layer.delta()
     weight = conv.weight * (1 + delta[:, :, None, None])
-    assert torch.allclose(layer(x), torch.nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding), atol=1e-5)
+    assert torch.allclose(
+        layer(x), torch.nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding), atol=1e-5
+    )
     conv.padding_mode = "reflect"  # the wrapper honours the wrapped layer's own padding
     reflected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), weight, conv.bias)
     assert torch.allclose(layer(x), reflected, atol=1e-5)
@@ -134,8 +146,10 @@ def test_gradients_reach_only_encoder_and_offsets(tiny_sd):
             layer.offset.row_map.weight.normal_(std=0.01)
     g = torch.Generator().manual_seed(0)
     batch = Batch(
-        latents=torch.randn(2, 4, 8, 8, generator=g), image_features=torch.randn(2, 2, 32, generator=g),
-        prompt_ids=model.tokenize(["a photo of S*"] * 2), class_prompt_ids=model.tokenize(["a photo of cat"] * 2),
+        latents=torch.randn(2, 4, 8, 8, generator=g),
+        image_features=torch.randn(2, 2, 32, generator=g),
+        prompt_ids=model.tokenize(["a photo of S*"] * 2),
+        class_prompt_ids=model.tokenize(["a photo of cat"] * 2),
     )
     from diffusers import DDPMScheduler
 
@@ -148,4 +162,3 @@ def test_gradients_reach_only_encoder_and_offsets(tiny_sd):
         for p in module.parameters():
             if id(p) not in trainable:
                 assert p.grad is None and not p.requires_grad
-

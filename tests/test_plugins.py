@@ -135,7 +135,11 @@ def test_single_token_check_matches_clip_vocabulary():
 
 def test_builtin_domains_come_from_their_own_distributions():
     registry = load_registry()
-    for name, dist, word in [("faces", "e4t-faces", "face"), ("cats", "e4t-cats", "cat"), ("art", "e4t-art", "painting")]:
+    for name, dist, word in [
+        ("faces", "e4t-faces", "face"),
+        ("cats", "e4t-cats", "cat"),
+        ("art", "e4t-art", "painting"),
+    ]:
         entry = registry.domains[name]
         assert entry.plugin.distribution == dist
         assert entry.domain.class_word == word
@@ -143,7 +147,9 @@ def test_builtin_domains_come_from_their_own_distributions():
 
 def test_entry_point_plugin_env_controls(tmp_path, monkeypatch):
     site = tmp_path / "site"
-    install_distribution(site, "e4t-wolves", "e4t_wolves_plugin", plugin_source(GOOD.replace("dogs", "wolves")), "wolves")
+    install_distribution(
+        site, "e4t-wolves", "e4t_wolves_plugin", plugin_source(GOOD.replace("dogs", "wolves")), "wolves"
+    )
     monkeypatch.syspath_prepend(str(site))
     registry = load_registry()
     assert registry.domains["wolves"].plugin.distribution == "e4t-wolves"
@@ -171,9 +177,16 @@ def test_registering_every_domain_imports_no_torch():
 
 def test_domain_defaults_are_plain_data():
     domain = Domain(
-        name="d", description="x", class_word="cat", prompt_templates=("S*",), base_model="b", backbone="c",
-        pretrain=PhaseDefaults(1, 1e-4, 1, 64, 0.1), tune=PhaseDefaults(1, 1e-4, 1, 64, 0.1),
-        lambda_weights=0.5, dataset=len,
+        name="d",
+        description="x",
+        class_word="cat",
+        prompt_templates=("S*",),
+        base_model="b",
+        backbone="c",
+        pretrain=PhaseDefaults(1, 1e-4, 1, 64, 0.1),
+        tune=PhaseDefaults(1, 1e-4, 1, 64, 0.1),
+        lambda_weights=0.5,
+        dataset=len,
     )
     defaults = domain.defaults()
     assert defaults["tune"] == {"steps": 1, "learning_rate": 1e-4, "batch_size": 1, "resolution": 64, "lambda_emb": 0.1}
@@ -193,11 +206,14 @@ def test_prompt_template_fields():
     assert plain_templates(("a {style} S*", "art by S*")) == ("art by S*",)
 
 
-@pytest.mark.parametrize("templates, problem", [
-    (("a {style} painting by S*",), "at least one template without {fields}"),
-    (("art by S*", "a {0} painting by S*"), "named fields"),
-    (("art by S*", "a {style painting by S*"), "malformed"),
-])
+@pytest.mark.parametrize(
+    "templates, problem",
+    [
+        (("a {style} painting by S*",), "at least one template without {fields}"),
+        (("art by S*", "a {0} painting by S*"), "named fields"),
+        (("art by S*", "a {style painting by S*"), "malformed"),
+    ],
+)
 def test_bad_template_fields_are_rejected(templates, problem):
     from dataclasses import replace
 
@@ -208,11 +224,14 @@ def test_bad_template_fields_are_rejected(templates, problem):
     assert any(problem in p for p in problems), problems
 
 
-@pytest.mark.parametrize("offsets, problem", [
-    (dict(kind="dense"), "offsets.kind must be one of paper, lowrank"),
-    (dict(layers="everything"), "offsets.layers must be one of attention, attention+resnets"),
-    (dict(kind="lowrank", rank=0), "offsets.rank must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "offsets, problem",
+    [
+        (dict(kind="dense"), "offsets.kind must be one of paper, lowrank"),
+        (dict(layers="everything"), "offsets.layers must be one of attention, attention+resnets"),
+        (dict(kind="lowrank", rank=0), "offsets.rank must be a positive integer"),
+    ],
+)
 def test_bad_offset_defaults_are_rejected(offsets, problem):
     from dataclasses import replace
 
@@ -230,3 +249,30 @@ def test_template_field_with_a_falsy_value_is_filled():
 
     assert fill_template("style {style_id} by S*", {"style_id": 0}) == "style 0 by S*"
     assert fill_template("style {style_id} by S*", {"style_id": None}) is None
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            "@hookimpl\ndef register_domain(register):\n    register(make('dogs'))\n",
+            "plugin 'bad' implements unknown hook 'register_domain': did you mean 'register_domains'?",
+        ),
+        (
+            "@hookimpl\ndef register_domains(register, settings):\n    register(make('dogs'))\n",
+            "plugin 'bad' implements register_domains with parameters its spec does not have: "
+            "use def register_domains(register)",
+        ),
+        (
+            "def register_domains(register):\n    register(make('dogs'))\n",
+            "plugin 'bad' implements no e4t hook: mark its register_domains function with @e4tcli.hookimpl",
+        ),
+    ],
+)
+def test_a_plugin_whose_hook_cannot_be_called_is_one_line_naming_it_and_the_fix(body, expected):
+    registry = load_registry(
+        [("bad", module_from("bad", body)), ("good", module_from("good", GOOD))], use_entry_points=False
+    )
+    assert registry.names() == ["dogs"]
+    assert registry.problems == [expected]
+    assert [plugin.name for plugin, _ in registry.broken] == ["bad"]

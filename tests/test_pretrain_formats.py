@@ -20,9 +20,16 @@ def ffhq_folder(tmp_path, photos):  # noqa: F811
     return folder.parent
 
 
-@pytest.mark.parametrize("domain, data", [
-    ("cats", "lmdb"), ("art", "wikiart"), ("faces", "ffhq"), ("cats", "shards"), ("cats", "remote shards"),
-])
+@pytest.mark.parametrize(
+    "domain, data",
+    [
+        ("cats", "lmdb"),
+        ("art", "wikiart"),
+        ("faces", "ffhq"),
+        ("cats", "shards"),
+        ("cats", "remote shards"),
+    ],
+)
 def test_pretrain_runs_on_each_dataset_format(domain, data, request, tiny_sd, tiny_backbone, tmp_path):
     source = {
         "lmdb": lambda: request.getfixturevalue("lmdb_folder")[0],
@@ -31,11 +38,33 @@ def test_pretrain_runs_on_each_dataset_format(domain, data, request, tiny_sd, ti
         "shards": lambda: request.getfixturevalue("shard_folder"),
         "remote shards": lambda: request.getfixturevalue("shard_server").url + "/shards-{000..002}.tar",
     }[data]()
-    result = runner.invoke(app, [
-        "pretrain", "--domain", domain, "--data", str(source), "--out", str(tmp_path / "run"),
-        "--base-model", str(tiny_sd), "--backbone", str(tiny_backbone), "--steps", "2", "--batch-size", "2",
-        "--resolution", "64", "--encoder-hidden-dim", "32", "--workers", "1", "--json",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "--domain",
+            domain,
+            "--data",
+            str(source),
+            "--out",
+            str(tmp_path / "run"),
+            "--base-model",
+            str(tiny_sd),
+            "--backbone",
+            str(tiny_backbone),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--resolution",
+            "64",
+            "--encoder-hidden-dim",
+            "32",
+            "--workers",
+            "1",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["steps"] == 2 and report["domain"] == domain

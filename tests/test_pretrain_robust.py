@@ -20,9 +20,24 @@ runner = CliRunner()
 
 @pytest.fixture
 def base_args(tiny_sd, tiny_backbone, photo_folder):
-    return ["--domain", "cats", "--data", str(photo_folder), "--base-model", str(tiny_sd), "--backbone",
-            str(tiny_backbone), "--batch-size", "2", "--resolution", "64", "--encoder-hidden-dim", "32",
-            "--device", "cpu"]
+    return [
+        "--domain",
+        "cats",
+        "--data",
+        str(photo_folder),
+        "--base-model",
+        str(tiny_sd),
+        "--backbone",
+        str(tiny_backbone),
+        "--batch-size",
+        "2",
+        "--resolution",
+        "64",
+        "--encoder-hidden-dim",
+        "32",
+        "--device",
+        "cpu",
+    ]
 
 
 def pretrain(args):
@@ -41,8 +56,12 @@ def weights(checkpoint):
 def test_resumed_run_repeats_the_uninterrupted_one_exactly(base_args, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert pretrain([*base_args, "--out", str(straight), "--steps", "4"]).exit_code == 0
-    assert pretrain([*base_args, "--out", str(split), "--steps", "2", "--checkpoint-every", "1",
-                     "--keep-last", "1"]).exit_code == 0
+    assert (
+        pretrain(
+            [*base_args, "--out", str(split), "--steps", "2", "--checkpoint-every", "1", "--keep-last", "1"]
+        ).exit_code
+        == 0
+    )
     assert sorted(p.name for p in split.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-0000002"]
     result = pretrain([*base_args, "--out", str(split), "--steps", "4", "--resume", "latest"])
     assert result.exit_code == 0, result.output
@@ -130,19 +149,25 @@ def test_resume_needs_something_to_resume(base_args, tmp_path):
 
 
 def run_cli(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "e4tcli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "e4tcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
-@pytest.mark.parametrize("stop, extra, whole_group", [
-    (signal.SIGTERM, [], False),
-    # Ctrl-C in a terminal signals the whole process group, data-loader workers included
-    (signal.SIGINT, ["--workers", "2", "--gradient-accumulation", "2"], True),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stop, extra, whole_group",
+    [
+        (signal.SIGTERM, [], False),
+        # Ctrl-C in a terminal signals the whole process group, data-loader workers included
+        (signal.SIGINT, ["--workers", "2", "--gradient-accumulation", "2"], True),
+    ],
+)
 def test_stop_signal_saves_a_resumable_checkpoint(base_args, tmp_path, stop, extra, whole_group):
     run = tmp_path / "interrupted"
-    process = run_cli(["pretrain", *base_args, "--out", str(run), "--steps", "500", *extra, "--json"],
-                      start_new_session=True)
+    process = run_cli(
+        ["pretrain", *base_args, "--out", str(run), "--steps", "500", *extra, "--json"], start_new_session=True
+    )
     log = run / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
@@ -162,6 +187,7 @@ def test_stop_signal_saves_a_resumable_checkpoint(base_args, tmp_path, stop, ext
     assert len(losses(run)) == step + 1
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(base_args, tmp_path):
     """DDP over gloo, launched through accelerate: same global batch, same weights."""
     one, two = tmp_path / "one", tmp_path / "two"
@@ -180,14 +206,26 @@ def test_two_processes_match_one_process(base_args, tmp_path):
     assert losses(one) == pytest.approx(losses(two), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_run_saves_resumes_and_matches_one_process(base_args, tmp_path):
     """FSDP2 over gloo: checkpoints hold the full weights, a resumed sharded run continues
     exactly, and the result matches one unsharded process (EMA and validation included)."""
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     common = [*base_args, "--batch-size", "4", "--ema-decay", "0.5", "--validate-every", "2", "--json"]
     assert pretrain([*common, "--out", str(one), "--steps", "2"]).exit_code == 0
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              str(Path(__file__).with_name("fsdp_pretrain.py")), "pretrain", *common, "--out", str(sharded)]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).with_name("fsdp_pretrain.py")),
+        "pretrain",
+        *common,
+        "--out",
+        str(sharded),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra in (["--steps", "1"], ["--steps", "2", "--resume", "latest"]):
         finished = subprocess.run([*launch, *extra], env=env, capture_output=True, text=True, timeout=300)
@@ -204,9 +242,26 @@ def test_fsdp_sharded_run_saves_resumes_and_matches_one_process(base_args, tmp_p
 
 
 def deepspeed_launch(args, stage=2):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage),
-            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "e4tcli", "pretrain", *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--use_deepspeed",
+        "--zero_stage",
+        str(stage),
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "e4tcli",
+        "pretrain",
+        *args,
+    ]
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -214,6 +269,7 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_saves_resumes_and_matches_one_process(base_args, tmp_path):
     """ZeRO-2 over gloo (each process holds half the Adam state): checkpoints still hold the full
     weights and moments, a run interrupted under DeepSpeed resumes exactly, and one plain process
@@ -224,8 +280,13 @@ def test_deepspeed_zero2_saves_resumes_and_matches_one_process(base_args, tmp_pa
     assert pretrain([*common, "--out", str(one), "--steps", "2"]).exit_code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra in (["--steps", "1"], ["--steps", "2", "--resume", "latest"]):
-        finished = subprocess.run(deepspeed_launch([*common, "--out", str(zero), *extra]), env=env,
-                                  capture_output=True, text=True, timeout=600)
+        finished = subprocess.run(
+            deepspeed_launch([*common, "--out", str(zero), *extra]),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert finished.returncode == 0, finished.stderr[-3000:]
         # DeepSpeed logs to stdout (on a CPU it always warns). e4t's --json keeps the workers' stdout
         # for the one object; only accelerate's launcher, before e4t starts, prints its one warning
@@ -234,7 +295,9 @@ def test_deepspeed_zero2_saves_resumes_and_matches_one_process(base_args, tmp_pa
         assert json.loads("{\n" + after)["steps"] == int(extra[1])
     config = json.loads((zero / "checkpoint-0000002" / "config.json").read_text())
     assert config["training"]["processes"] == 2
-    handed_over = pretrain([*common, "--out", str(handed), "--steps", "2", "--resume", str(zero / "checkpoint-0000001")])
+    handed_over = pretrain(
+        [*common, "--out", str(handed), "--steps", "2", "--resume", str(zero / "checkpoint-0000001")]
+    )
     assert handed_over.exit_code == 0, handed_over.output
     for run in (zero, handed):
         for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
@@ -246,11 +309,17 @@ def test_deepspeed_zero2_saves_resumes_and_matches_one_process(base_args, tmp_pa
     assert losses(handed) == pytest.approx(losses(one)[1:], rel=1e-5)  # its log starts after the checkpoint
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_is_refused_before_anything_is_loaded(base_args, tmp_path):
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    finished = subprocess.run(deepspeed_launch([*base_args, "--out", str(run), "--steps", "1"], stage=3),
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(
+        deepspeed_launch([*base_args, "--out", str(run), "--steps", "1"], stage=3),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert finished.returncode != 0
     errors = [line for line in finished.stderr.splitlines() if line.startswith("e4t: error:")]
     assert errors and all("ZeRO stages 0-2, not stage 3" in line for line in errors), finished.stderr[-3000:]
@@ -262,15 +331,23 @@ def fake_deepspeed_accelerator(config: dict, processes: int = 2):
 
     from accelerate.utils import DistributedType
 
-    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=processes,
-                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    return SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        num_processes=processes,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)),
+    )
 
 
 def test_deepspeed_config_follows_e4t_batch_split_and_precision():
     from e4tcli.training.deepspeed_state import configure_deepspeed
 
-    config = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}, "bf16": {"enabled": True},
-              "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1}
+    config = {
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"},
+        "bf16": {"enabled": True},
+        "gradient_clipping": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": 1,
+    }
     configure_deepspeed(fake_deepspeed_accelerator(config, processes=4), 3, 2, "adamw")
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (3, 2)
     assert config["train_batch_size"] == 24
@@ -285,13 +362,20 @@ def test_deepspeed_config_follows_e4t_batch_split_and_precision():
     assert clipped["train_batch_size"] == 4
 
 
-@pytest.mark.parametrize("config, optimizer, message", [
-    ({"zero_optimization": {"stage": 2}}, "adamw8bit", "adamw8bit"),
-    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "adamw", "'optimizer'"),
-    ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "adamw", "'scheduler'"),
-    ({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}, "adamw", "gradient_accumulation_steps to 4"),
-    ({"zero_optimization": {"stage": 2}, "train_batch_size": 64}, "adamw", "train_batch_size to 64"),
-])
+@pytest.mark.parametrize(
+    "config, optimizer, message",
+    [
+        ({"zero_optimization": {"stage": 2}}, "adamw8bit", "adamw8bit"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "adamw", "'optimizer'"),
+        ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "adamw", "'scheduler'"),
+        (
+            {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4},
+            "adamw",
+            "gradient_accumulation_steps to 4",
+        ),
+        ({"zero_optimization": {"stage": 2}, "train_batch_size": 64}, "adamw", "train_batch_size to 64"),
+    ],
+)
 def test_deepspeed_settings_e4t_cannot_honour_are_refused(config, optimizer, message):
     from e4tcli.errors import UsageError
     from e4tcli.training.deepspeed_state import configure_deepspeed
@@ -300,11 +384,14 @@ def test_deepspeed_settings_e4t_cannot_honour_are_refused(config, optimizer, mes
         configure_deepspeed(fake_deepspeed_accelerator(config), 2, 1, optimizer)
 
 
-@pytest.mark.parametrize("zero, dtype, message", [
-    ({"stage": 3}, torch.float32, "not stage 3"),
-    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, torch.float32, "offload_optimizer"),
-    ({"stage": 2}, torch.float16, "fp16"),
-])
+@pytest.mark.parametrize(
+    "zero, dtype, message",
+    [
+        ({"stage": 3}, torch.float32, "not stage 3"),
+        ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, torch.float32, "offload_optimizer"),
+        ({"stage": 2}, torch.float16, "fp16"),
+    ],
+)
 def test_deepspeed_launches_e4t_cannot_run_are_refused_before_loading(zero, dtype, message):
     from e4tcli.errors import UsageError
     from e4tcli.training.deepspeed_state import refuse_unsupported_deepspeed

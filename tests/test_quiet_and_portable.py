@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from e4t_minifaces import EXAMPLES
 from PIL import Image
-
-from e4t_minifaces import EXAMPLES, WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 E4T = [sys.executable, "-m", "e4tcli"]
@@ -34,6 +33,7 @@ def mira(tmp_path_factory):
     return concept, result
 
 
+@pytest.mark.slow
 def test_tune_and_generate_print_only_their_own_lines_with_every_extra_installed(mira, tmp_path):
     import importlib.util
 
@@ -44,10 +44,16 @@ def test_tune_and_generate_print_only_their_own_lines_with_every_extra_installed
     assert foreign_lines(tuned.stderr) == [], (installed, tuned.stderr)
     assert foreign_lines(generated.stderr) == [], (installed, generated.stderr)
     imported = subprocess.run(
-        [sys.executable, "-c", "import sys; from e4tcli.cli.quiet import quiet_heavy_imports; quiet_heavy_imports();"
-         "from diffusers import StableDiffusionPipeline, UNet2DConditionModel; import diffusers.loaders.peft;"
-         "print(any(m is not None for n, m in sys.modules.items() if n.split('.')[0] == 'bitsandbytes'))"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from e4tcli.cli.quiet import quiet_heavy_imports; quiet_heavy_imports();"
+            "from diffusers import StableDiffusionPipeline, UNet2DConditionModel; import diffusers.loaders.peft;"
+            "print(any(m is not None for n, m in sys.modules.items() if n.split('.')[0] == 'bitsandbytes'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert imported.stdout.strip() == "False"  # and its import's seconds are not spent
 
@@ -63,8 +69,9 @@ def test_package_metadata_builds_without_deprecation_warnings(project, tmp_path)
         "    build_meta.prepare_metadata_for_build_wheel(sys.argv[1])\n"
         "print('WARNINGS', [f'{w.category.__name__}: {str(w.message).strip().splitlines()[0]}' for w in caught])\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT / project,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=ROOT / project, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "WARNINGS []", result.stdout
     metadata = next(tmp_path.glob("*.dist-info")) / "METADATA"
@@ -83,6 +90,7 @@ def absolute_paths(value, where=""):
     return []
 
 
+@pytest.mark.slow
 def test_shipped_configs_and_a_fresh_concept_name_no_folder_of_a_machine(mira, tmp_path):
     from e4tcli.io.concept import read_concept_info
 
@@ -103,17 +111,32 @@ def test_a_concept_of_a_domain_that_is_not_installed_says_so(mira, tmp_path, mon
     from e4tcli import api
     from e4tcli.errors import UsageError
 
-    monkeypatch.setattr(api, "installed_base_model", lambda name: None)
+    monkeypatch.setattr("e4tcli.api.generation.installed_base_model", lambda name: None)
     with pytest.raises(UsageError, match="domain 'minifaces', which is not installed"):
         api.generate(api.GenerateOptions(concept=str(mira[0]), prompt="a S*", steps=1, out=str(tmp_path)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_generation_keeps_the_images_it_wrote(mira, tmp_path, stop):
     out = tmp_path / "images"
-    process = subprocess.Popen([*E4T, "generate", str(mira[0]), "a S* on a red background", "-n", "400",
-                                "--batch-size", "2", "--out", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            *E4T,
+            "generate",
+            str(mira[0]),
+            "a S* on a red background",
+            "-n",
+            "400",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out.is_dir() and len(list(out.glob("mira-*.png"))) >= 2):
         time.sleep(0.1)
@@ -122,7 +145,9 @@ def test_an_interrupted_generation_keeps_the_images_it_wrote(mira, tmp_path, sto
     assert process.returncode == 128 + stop, stderr
     written = sorted(out.glob("mira-*.png"))
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"e4t: error: stopped by {stop.name}: {len(written)} of 400 images"), stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"e4t: error: stopped by {stop.name}: {len(written)} of 400 images"
+    ), stderr
     assert 2 <= len(written) < 400 and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     for path in written:
         Image.open(path).load()  # every file that is there is whole
@@ -138,6 +163,7 @@ def test_peak_memory_is_reported_in_megabytes():
         "block[::4096] = b'x' * len(block[::4096])\n"
         "print(before, peak_rss_mb())\n"
     )
-    before, after = map(float, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                              check=True).stdout.split())
+    before, after = map(
+        float, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    )
     assert 5 < before < 200 and 180 < after - before < 230, (before, after)

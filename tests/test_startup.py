@@ -22,7 +22,9 @@ sys.stderr.write("LOADED:" + ",".join(m for m in {heavy!r} if m in sys.modules) 
 
 def run_cli(args, env=None):
     code = PROBE.format(args=list(args), heavy=HEAVY)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     loaded = result.stderr.strip().splitlines()[-1]
     return result, loaded.removeprefix("LOADED:")
 

@@ -61,9 +61,7 @@ def test_added_placeholder_is_one_token(tiny_sd):
 def _load_pipe(folder):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False
-    )
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -21,8 +21,11 @@ def model_from_checkpoint(checkpoint_dir, base_source):
     checkpoint = load_checkpoint(checkpoint_dir)
     base = load_base_model(base_source)
     model = E4TModel(
-        base, "cat", EncoderConfig.from_dict(checkpoint.config["encoder"]),
-        OffsetConfig(**checkpoint.config["offsets"]), choose_placement("cpu"),
+        base,
+        "cat",
+        EncoderConfig.from_dict(checkpoint.config["encoder"]),
+        OffsetConfig(**checkpoint.config["offsets"]),
+        choose_placement("cpu"),
     )
     model.load_trainable_state_dict(checkpoint.tensors)
     return model, checkpoint
@@ -33,8 +36,10 @@ def fixed_loss(model, image, features, seed=123):
     mean, _ = latent_distribution(model.vae, to_pixels([square_resize(image, 64)] * 8))
     g = torch.Generator().manual_seed(seed)
     batch = Batch(
-        latents=mean, image_features=features.expand(8, -1, -1),
-        prompt_ids=model.tokenize(["a photo of S*"] * 8), class_prompt_ids=model.tokenize(["a photo of cat"] * 8),
+        latents=mean,
+        image_features=features.expand(8, -1, -1),
+        prompt_ids=model.tokenize(["a photo of S*"] * 8),
+        class_prompt_ids=model.tokenize(["a photo of cat"] * 8),
     )
     with torch.no_grad():
         scheduler = DDPMScheduler.from_config(model.base.scheduler_config)
@@ -54,7 +59,9 @@ def test_checkpoint_round_trip_is_exact(tiny_checkpoint, tiny_sd):
     assert any(torch.count_nonzero(v) for k, v in state.items() if k.endswith("row_map.weight"))
 
 
-def test_tuning_lowers_the_loss_and_leaves_base_weights_bit_identical(tiny_checkpoint, tiny_sd, tiny_backbone, photo_folder):
+def test_tuning_lowers_the_loss_and_leaves_base_weights_bit_identical(
+    tiny_checkpoint, tiny_sd, tiny_backbone, photo_folder
+):
     model, _ = model_from_checkpoint(tiny_checkpoint, str(tiny_sd))
     frozen = {
         name: p.detach().clone()
@@ -65,7 +72,9 @@ def test_tuning_lowers_the_loss_and_leaves_base_weights_bit_identical(tiny_check
     image = Image.open(photo_folder / "chelsea.png").convert("RGB")
     features = backbone_features(load_backbone(str(tiny_backbone)), [square_resize(image, 64)], (2, 4))
     before = fixed_loss(model, image, features)
-    settings = TuneSettings(steps=30, learning_rate=1e-2, batch_size=4, resolution=64, lambda_emb=0.1, lambda_weights=1e-4)
+    settings = TuneSettings(
+        steps=30, learning_rate=1e-2, batch_size=4, resolution=64, lambda_emb=0.1, lambda_weights=1e-4
+    )
     scheduler = DDPMScheduler.from_config(model.base.scheduler_config)
     history = tune_concept(model, image, features, ("a photo of S*",), settings, scheduler)
     after = fixed_loss(model, image, features)
@@ -77,11 +86,19 @@ def test_tuning_lowers_the_loss_and_leaves_base_weights_bit_identical(tiny_check
     assert all(torch.equal(current[name], value) for name, value in frozen.items())
 
 
-def test_concept_round_trip_reproduces_the_tuned_model_exactly(tiny_checkpoint, tiny_sd, photo_folder, cats_domain, tmp_path):
+def test_concept_round_trip_reproduces_the_tuned_model_exactly(
+    tiny_checkpoint, tiny_sd, photo_folder, cats_domain, tmp_path
+):
     out = tmp_path / "chelsea.safetensors"
     result = api.tune(
-        api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(tiny_checkpoint), out=str(out),
-                        steps=2, batch_size=2, seed=3),
+        api.TuneOptions(
+            image=str(photo_folder / "chelsea.png"),
+            checkpoint=str(tiny_checkpoint),
+            out=str(out),
+            steps=2,
+            batch_size=2,
+            seed=3,
+        ),
         cats_domain,
     )
     assert result.concept == out and out.stat().st_size == result.size_bytes
@@ -95,8 +112,12 @@ def test_concept_round_trip_reproduces_the_tuned_model_exactly(tiny_checkpoint, 
     # re-tune identically in memory and compare the tuned model with the one loaded from the file
     placement = choose_placement("cpu")
     loaded = E4TModel(
-        load_base_model(str(tiny_sd)), "cat", EncoderConfig.from_dict(info["encoder"]),
-        OffsetConfig(**info["offsets"]), placement, concept.model_tensors(),
+        load_base_model(str(tiny_sd)),
+        "cat",
+        EncoderConfig.from_dict(info["encoder"]),
+        OffsetConfig(**info["offsets"]),
+        placement,
+        concept.model_tensors(),
     )
     tuned, _ = model_from_checkpoint(tiny_checkpoint, str(tiny_sd))
     tuned_state = tuned.concept_state_dict()
@@ -109,19 +130,31 @@ def test_concept_round_trip_reproduces_the_tuned_model_exactly(tiny_checkpoint, 
     # the file's tensors are exactly the tuned model's: re-run the same tuning and compare bit for bit
     again = tmp_path / "again.safetensors"
     api.tune(
-        api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(tiny_checkpoint), out=str(again),
-                        steps=2, batch_size=2, seed=3),
+        api.TuneOptions(
+            image=str(photo_folder / "chelsea.png"),
+            checkpoint=str(tiny_checkpoint),
+            out=str(again),
+            steps=2,
+            batch_size=2,
+            seed=3,
+        ),
         cats_domain,
     )
     second = load_concept(again)
     assert all(torch.equal(second.tensors[k], concept.tensors[k]) for k in concept.tensors)
     reloaded = E4TModel(
-        load_base_model(str(tiny_sd)), "cat", EncoderConfig.from_dict(info["encoder"]),
-        OffsetConfig(**info["offsets"]), placement, second.model_tensors(),
+        load_base_model(str(tiny_sd)),
+        "cat",
+        EncoderConfig.from_dict(info["encoder"]),
+        OffsetConfig(**info["offsets"]),
+        placement,
+        second.model_tensors(),
     )
     with torch.no_grad():
         assert torch.equal(reloaded.unet(latents, t, encoder_hidden_states=states).sample, from_file)
-        assert torch.equal(reloaded.concept_embedding(second.image_features[None], latents, t, states)[0], from_file_concept)
+        assert torch.equal(
+            reloaded.concept_embedding(second.image_features[None], latents, t, states)[0], from_file_concept
+        )
 
 
 def test_sd2_shape_with_v_prediction_tunes_and_generates(tmp_path, tiny_backbone, photo_folder, cats_domain):
@@ -130,17 +163,31 @@ def test_sd2_shape_with_v_prediction_tunes_and_generates(tmp_path, tiny_backbone
     sd2 = build_tiny_base_model(tmp_path / "sd2", text_width=1024, prediction_type="v_prediction")
     checkpoint = tmp_path / "ckpt"
     api.pretrain(
-        api.PretrainOptions(data=str(photo_folder), out=str(checkpoint), base_model=str(sd2),
-                            backbone=str(tiny_backbone), steps=1, batch_size=2, resolution=64, encoder_hidden_dim=32),
+        api.PretrainOptions(
+            data=str(photo_folder),
+            out=str(checkpoint),
+            base_model=str(sd2),
+            backbone=str(tiny_backbone),
+            steps=1,
+            batch_size=2,
+            resolution=64,
+            encoder_hidden_dim=32,
+        ),
         cats_domain,
     )
     concept = tmp_path / "c.safetensors"
-    api.tune(api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(checkpoint), out=str(concept),
-                             steps=2, batch_size=2), cats_domain)
+    api.tune(
+        api.TuneOptions(
+            image=str(photo_folder / "chelsea.png"), checkpoint=str(checkpoint), out=str(concept), steps=2, batch_size=2
+        ),
+        cats_domain,
+    )
     loaded = load_concept(concept)
     assert loaded.info["encoder"]["embedding_dim"] == 1024
     assert loaded.tensors["encoder.head.2.weight"].shape == (1024, 32)
-    result = api.generate(api.GenerateOptions(concept=str(concept), prompt="S* on a beach", steps=2, out=str(tmp_path / "o")))
+    result = api.generate(
+        api.GenerateOptions(concept=str(concept), prompt="S* on a beach", steps=2, out=str(tmp_path / "o"))
+    )
     assert Image.open(result.images[0]).size == (64, 64)
 
 
@@ -149,8 +196,14 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_checkpoint, phot
     for flag in (False, True):
         out = tmp_path / f"c{int(flag)}.safetensors"
         api.tune(
-            api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(tiny_checkpoint), out=str(out),
-                            steps=2, batch_size=2, gradient_checkpointing=flag),
+            api.TuneOptions(
+                image=str(photo_folder / "chelsea.png"),
+                checkpoint=str(tiny_checkpoint),
+                out=str(out),
+                steps=2,
+                batch_size=2,
+                gradient_checkpointing=flag,
+            ),
             cats_domain,
         )
         concepts.append(load_concept(out).tensors)
@@ -163,16 +216,32 @@ def test_tuning_checkpoints_activations_by_default_only_on_cuda():
     assert api.checkpointing_by_default(torch.device("cuda")) and not api.checkpointing_by_default(torch.device("cpu"))
 
 
-def test_pretraining_takes_the_domains_offsets_unless_flags_override(tiny_sd, tiny_backbone, photo_folder, cats_domain, tmp_path):
+def test_pretraining_takes_the_domains_offsets_unless_flags_override(
+    tiny_sd, tiny_backbone, photo_folder, cats_domain, tmp_path
+):
     from dataclasses import replace
 
     from e4tcli import OffsetDefaults
 
     domain = replace(cats_domain, offsets=OffsetDefaults(kind="lowrank", rank=3, layers="attention+resnets"))
-    common = dict(data=str(photo_folder), base_model=str(tiny_sd), backbone=str(tiny_backbone), steps=1, batch_size=2,
-                  resolution=64, encoder_hidden_dim=32)
-    from_domain = load_checkpoint(api.pretrain(api.PretrainOptions(out=str(tmp_path / "a"), **common), domain).checkpoint)
-    assert from_domain.config["offsets"] == {"kind": "lowrank", "constant_dim": 64, "rank": 3, "layers": "attention+resnets"}
+    common = dict(
+        data=str(photo_folder),
+        base_model=str(tiny_sd),
+        backbone=str(tiny_backbone),
+        steps=1,
+        batch_size=2,
+        resolution=64,
+        encoder_hidden_dim=32,
+    )
+    from_domain = load_checkpoint(
+        api.pretrain(api.PretrainOptions(out=str(tmp_path / "a"), **common), domain).checkpoint
+    )
+    assert from_domain.config["offsets"] == {
+        "kind": "lowrank",
+        "constant_dim": 64,
+        "rank": 3,
+        "layers": "attention+resnets",
+    }
     assert any(".resnets.0.conv1." in k for k in from_domain.tensors)
     overridden = api.PretrainOptions(out=str(tmp_path / "b"), offsets="paper", offset_layers="attention", **common)
     from_flags = load_checkpoint(api.pretrain(overridden, domain).checkpoint)
@@ -187,8 +256,15 @@ def test_fp16_concept_is_the_fp32_one_rounded_half_the_size_and_generates_alike(
     for precision in ("fp32", "fp16"):
         out = tmp_path / f"{precision}.safetensors"
         result = api.tune(
-            api.TuneOptions(image=str(photo_folder / "chelsea.png"), checkpoint=str(tiny_checkpoint), out=str(out),
-                            steps=2, batch_size=2, seed=3, save_precision=precision),
+            api.TuneOptions(
+                image=str(photo_folder / "chelsea.png"),
+                checkpoint=str(tiny_checkpoint),
+                out=str(out),
+                steps=2,
+                batch_size=2,
+                seed=3,
+                save_precision=precision,
+            ),
             cats_domain,
         )
         concepts[precision] = (load_concept(out), result.size_bytes)
@@ -207,8 +283,12 @@ def test_fp16_concept_is_the_fp32_one_rounded_half_the_size_and_generates_alike(
     for concept in (full, half):
         info = concept.info
         model = E4TModel(
-            load_base_model(str(tiny_sd)), "cat", EncoderConfig.from_dict(info["encoder"]),
-            OffsetConfig(**info["offsets"]), placement, concept.model_tensors(),
+            load_base_model(str(tiny_sd)),
+            "cat",
+            EncoderConfig.from_dict(info["encoder"]),
+            OffsetConfig(**info["offsets"]),
+            placement,
+            concept.model_tensors(),
         )
         assert all(p.dtype == torch.float32 for p in model.encoder.parameters())
         with torch.no_grad():
@@ -224,8 +304,9 @@ def test_fp16_concept_is_the_fp32_one_rounded_half_the_size_and_generates_alike(
 def test_a_tensor_fp16_cannot_hold_stays_fp32():
     from e4tcli.io.concept import stored_tensors
 
-    stored = stored_tensors({"small": torch.tensor([1.0, -2.5]), "huge": torch.tensor([1e5, 1.0]),
-                             "ids": torch.tensor([3, 4])})
+    stored = stored_tensors(
+        {"small": torch.tensor([1.0, -2.5]), "huge": torch.tensor([1e5, 1.0]), "ids": torch.tensor([3, 4])}
+    )
     assert stored["small"].dtype == torch.float16
     assert stored["huge"].dtype == torch.float32 and stored["huge"][0].item() == 1e5
     assert stored["ids"].dtype == torch.int64
@@ -264,10 +345,18 @@ def test_pretraining_prompts_come_from_pretrain_templates_filled_from_metadata(
         return original(model, mean, std, features, samples, noise_scheduler, prompts)
 
     monkeypatch.setattr(pretrain_module, "make_batch", spy)
-    result = api.pretrain(api.PretrainOptions(
-        data=str(data), out=str(tmp_path / "run"), base_model=str(tiny_sd), backbone=str(tiny_backbone),
-        steps=6, batch_size=4, resolution=64,
-    ), domain)
+    result = api.pretrain(
+        api.PretrainOptions(
+            data=str(data),
+            out=str(tmp_path / "run"),
+            base_model=str(tiny_sd),
+            backbone=str(tiny_backbone),
+            steps=6,
+            batch_size=4,
+            resolution=64,
+        ),
+        domain,
+    )
     encoder = load_checkpoint(result.checkpoint).config["encoder"]
     assert (encoder["hidden_dim"], encoder["scale"]) == (24, 0.5)
     assert len(seen) == 24

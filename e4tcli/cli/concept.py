@@ -55,5 +55,7 @@ def info(
     console = stdout_console()
     for label, value in _summary_lines(described):
         console.print(f"{label:>13}: {value}", markup=False, highlight=False)
-    rows = [(group, entry["tensors"], human_size(entry["bytes"])) for group, entry in described["tensor_groups"].items()]
+    rows = [
+        (group, entry["tensors"], human_size(entry["bytes"])) for group, entry in described["tensor_groups"].items()
+    ]
     print_table(("tensors", "count", "size"), rows)

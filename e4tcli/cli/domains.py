@@ -27,31 +27,52 @@ def _summary(entry: RegisteredDomain) -> dict:
     }
 
 
+def _row(entry: RegisteredDomain) -> tuple:
+    s = _summary(entry)
+    return (
+        s["name"],
+        f"{s['distribution'] or '-'} {s['version'] or ''}".strip(),
+        s["class_word"],
+        f"{s['lambda_emb_pretrain']:g} / {s['lambda_emb_tune']:g}",
+        f"{s['lambda_weights']:g}",
+        s["description"],
+    )
+
+
 @app.callback(invoke_without_command=True)
 @reports_errors
-def list_domains(ctx: typer.Context, json_output: JsonFlag = False) -> None:
+def list_domains(
+    ctx: typer.Context,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also list the plugins that failed to load or register, and why.")
+    ] = False,
+    json_output: JsonFlag = False,
+) -> None:
     """List the installed domains."""
     if ctx.invoked_subcommand is not None:
         return
     entries = [registry().domains[name] for name in registry().names()]
+    broken = [
+        {"plugin": plugin.name, "distribution": plugin.distribution, "version": plugin.version, "problem": problem}
+        for plugin, problem in registry().broken
+    ]
     if json_output:
-        print_json({"domains": [_summary(entry) for entry in entries]})
+        print_json({"domains": [_summary(entry) for entry in entries], **({"problems": broken} if show_all else {})})
         return
-    if not entries:
-        stdout_console().print("No domains installed. Install one with 'pip install <plugin>'.", markup=False)
-        return
-    rows = []
-    for entry in entries:
-        s = _summary(entry)
-        rows.append(
-            (s["name"], f"{s['distribution'] or '-'} {s['version'] or ''}".strip(), s["class_word"],
-             f"{s['lambda_emb_pretrain']:g} / {s['lambda_emb_tune']:g}", f"{s['lambda_weights']:g}", s["description"])
+    if entries:
+        print_table(
+            ("domain", "distribution", "class word", "λ emb (pretrain / tune)", "λ weights", "description"),
+            [_row(entry) for entry in entries],
+            title="Installed domains",
         )
-    print_table(
-        ("domain", "distribution", "class word", "λ emb (pretrain / tune)", "λ weights", "description"),
-        rows,
-        title="Installed domains",
-    )
+    else:
+        stdout_console().print("No domains installed. Install one with 'pip install <plugin>'.", markup=False)
+    if show_all and broken:
+        print_table(
+            ("plugin", "distribution", "problem"),
+            [(b["plugin"], f"{b['distribution'] or '-'} {b['version'] or ''}".strip(), b["problem"]) for b in broken],
+            title="Plugins with problems",
+        )
 
 
 @app.command("show")

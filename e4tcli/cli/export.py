@@ -22,14 +22,18 @@ def parse_rank(value: str) -> int:
 def export(
     concept: Annotated[Path, typer.Argument(help="Concept file written by 'e4t tune'.")],
     format: Annotated[
-        str, typer.Option("--format", "-f", help="diffusers (a folder for diffusers scripts) or kohya (AUTOMATIC1111, Forge, ComfyUI).")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="diffusers (a folder for diffusers scripts) or kohya (AUTOMATIC1111, Forge, ComfyUI).",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the files into.")],
-    rank: Annotated[
-        Optional[str], typer.Option("--rank", help="LoRA rank per layer, or 'full' (default: 4).")
-    ] = None,
+    rank: Annotated[Optional[str], typer.Option("--rank", help="LoRA rank per layer, or 'full' (default: 4).")] = None,
     token: Annotated[
-        Optional[str], typer.Option("--token", help="The word to type in prompts (default: from the concept's file name).")
+        Optional[str],
+        typer.Option("--token", help="The word to type in prompts (default: from the concept's file name)."),
     ] = None,
     force: ForceFlag = False,
     base_model: BaseModelOption = None,

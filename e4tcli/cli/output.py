@@ -87,8 +87,11 @@ def registry() -> DomainRegistry:
     if _registry is None:
         _registry = load_registry()
         if not any(key.endswith("_COMPLETE") and key.startswith("_E4T") for key in os.environ):
-            for problem in _registry.problems:
-                warn(problem + ("" if debug_enabled() else " (E4T_DEBUG=1 shows the traceback)"))
+            for plugin, problem in _registry.broken:
+                fix = f"E4T_BLOCK_PLUGINS={plugin.name} skips it" + (
+                    "" if debug_enabled() else "; E4T_DEBUG=1 shows the traceback"
+                )
+                warn(f"{plugin.describe()} {problem} ({fix})")
     return _registry
 
 

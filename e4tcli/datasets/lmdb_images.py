@@ -70,7 +70,9 @@ class LmdbImages:
                 except Exception:
                     if key not in self.skipped:
                         self.skipped.append(key)
-        raise UsageError(f"no record of the LMDB database at {self.path} could be decoded", hint="check the dataset files")
+        raise UsageError(
+            f"no record of the LMDB database at {self.path} could be decoded", hint="check the dataset files"
+        )
 
     def __getitem__(self, index: int):
         return self._readable(index)[1]
@@ -98,9 +100,13 @@ def _open_environment(path: Path):
         except ImportError:
             raise UsageError("reading an LMDB dataset needs the lmdb package", hint="pip install lmdb") from None
         try:
-            _ENVIRONMENTS[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, meminit=False, max_readers=256)
+            _ENVIRONMENTS[key] = lmdb.open(
+                key[0], readonly=True, lock=False, readahead=False, meminit=False, max_readers=256
+            )
         except lmdb.Error as error:
-            raise UsageError(f"cannot open the LMDB database at {path}: {error}", hint="check the dataset files") from None
+            raise UsageError(
+                f"cannot open the LMDB database at {path}: {error}", hint="check the dataset files"
+            ) from None
     return _ENVIRONMENTS[key]
 
 

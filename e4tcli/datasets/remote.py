@@ -48,16 +48,22 @@ def _retrying(url: str, action, what: str):
             if error.code == 404:
                 raise UsageError(f"tar shard not found: {url} (HTTP 404)", hint="check the shard URL pattern") from None
             if error.code in (401, 403):
-                raise UsageError(f"access denied to {url} (HTTP {error.code})",
-                                 hint="use a public or pre-signed https URL for each shard") from None
+                raise UsageError(
+                    f"access denied to {url} (HTTP {error.code})",
+                    hint="use a public or pre-signed https URL for each shard",
+                ) from None
             if error.code < 500 or attempt == RETRIES:
-                raise RuntimeFailure(f"{what} {url} failed: HTTP {error.code}",
-                                     hint="check the server, then continue with --resume latest") from None
+                raise RuntimeFailure(
+                    f"{what} {url} failed: HTTP {error.code}",
+                    hint="check the server, then continue with --resume latest",
+                ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             if attempt == RETRIES:
                 reason = getattr(error, "reason", error)
-                raise RuntimeFailure(f"{what} {url} failed after {RETRIES + 1} tries: {reason}",
-                                     hint="check the network, then continue with --resume latest") from None
+                raise RuntimeFailure(
+                    f"{what} {url} failed after {RETRIES + 1} tries: {reason}",
+                    hint="check the network, then continue with --resume latest",
+                ) from None
         time.sleep(delay)
         delay *= 2
 
@@ -75,7 +81,9 @@ def probe(url: str) -> RemoteInfo:
             )
         match = _TOTAL.fullmatch(headers.get("Content-Range", "").strip())
         if match is None:
-            raise UsageError(f"{url} answered without a Content-Range size", hint="serve the shards with byte-range support")
+            raise UsageError(
+                f"{url} answered without a Content-Range size", hint="serve the shards with byte-range support"
+            )
         return RemoteInfo(int(match.group(1)), headers.get("ETag") or headers.get("Last-Modified") or "")
 
     return _retrying(url, ask, "reading")

@@ -105,8 +105,10 @@ def shard_paths(spec: Union[str, Path]) -> list[Shard]:
     elif is_url(text):
         paths = expand_braces(text)
         if not all(urlparse(url).path.lower().endswith(".tar") for url in paths):
-            raise UsageError(f"only .tar shards can be read over HTTP, not {paths[0]}",
-                             hint="pass a URL pattern such as 'https://host/shards-{000..099}.tar'")
+            raise UsageError(
+                f"only .tar shards can be read over HTTP, not {paths[0]}",
+                hint="pass a URL pattern such as 'https://host/shards-{000..099}.tar'",
+            )
     elif path.is_dir():
         paths = sorted(p for p in path.iterdir() if p.suffix.lower() == ".tar" and p.is_file())
     elif path.is_file():
@@ -119,14 +121,19 @@ def shard_paths(spec: Union[str, Path]) -> list[Shard]:
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise UsageError(
-                f"tar shard not found: {missing[0]}" + (f" ({len(missing)} of {len(paths)} missing)" if len(missing) > 1 else ""),
+                f"tar shard not found: {missing[0]}"
+                + (f" ({len(missing)} of {len(paths)} missing)" if len(missing) > 1 else ""),
                 hint="check the shard pattern, e.g. 'shards-{000..009}.tar'",
             )
     if not paths:
-        raise UsageError(f"no tar shards found for {text}", hint="pass a .tar, a folder of .tar files or 'shards-{000..009}.tar'")
+        raise UsageError(
+            f"no tar shards found for {text}", hint="pass a .tar, a folder of .tar files or 'shards-{000..009}.tar'"
+        )
     compressed = [p for p in paths if shard_name(p).lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))]
     if compressed:
-        raise UsageError(f"compressed shard {compressed[0]} cannot be read at random offsets", hint="use uncompressed .tar shards")
+        raise UsageError(
+            f"compressed shard {compressed[0]} cannot be read at random offsets", hint="use uncompressed .tar shards"
+        )
     return paths
 
 

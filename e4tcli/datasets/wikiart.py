@@ -52,12 +52,16 @@ class WikiArt:
     ``style_id`` when it comes from the CSV.
     """
 
-    def __init__(self, root: Union[str, Path], split: Optional[str] = "train", csv_folder: Union[str, Path, None] = None):
+    def __init__(
+        self, root: Union[str, Path], split: Optional[str] = "train", csv_folder: Union[str, Path, None] = None
+    ):
         self.root = Path(root)
         if (self.root / "wikiart").is_dir() and (self.root / "wikiart_csv").is_dir():
             self.root = self.root / "wikiart"  # given the folder the release unpacks to
         if not self.root.is_dir():
-            raise UsageError(f"WikiArt folder not found: {self.root}", hint="pass --data the wikiart/ folder of style folders")
+            raise UsageError(
+                f"WikiArt folder not found: {self.root}", hint="pass --data the wikiart/ folder of style folders"
+            )
         self.csv_folder = Path(csv_folder) if csv_folder else (find_csv_folder(self.root) if split else None)
         self.skipped: list[Path] = []
         self.style_ids: Optional[list[int]] = None
@@ -115,7 +119,11 @@ class WikiArt:
     def metadata(self, index: int) -> dict:
         index %= len(self.paths)
         path = self.paths[index]
-        out = {"style": self.style(index), "artist": path.stem.partition("_")[0], "path": str(path.relative_to(self.root))}
+        out = {
+            "style": self.style(index),
+            "artist": path.stem.partition("_")[0],
+            "path": str(path.relative_to(self.root)),
+        }
         if self.style_ids is not None:
             out["style_id"] = self.style_ids[index]
         return out

@@ -61,7 +61,11 @@ class ExportResult:
 def export_file_names(format: str, token: str) -> dict[str, str]:
     """What each export writes into ``--out``, by role."""
     if format == "diffusers":
-        return {"embedding": "learned_embeds.safetensors", "lora": "pytorch_lora_weights.safetensors", "readme": "README.md"}
+        return {
+            "embedding": "learned_embeds.safetensors",
+            "lora": "pytorch_lora_weights.safetensors",
+            "readme": "README.md",
+        }
     return {"embedding": f"{token}.safetensors", "lora": f"{token}-lora.safetensors"}
 
 
@@ -75,10 +79,14 @@ def default_token(concept_path: Path, vocabulary: set[str]) -> str:
 
 def check_token(token: str, vocabulary: set[str]) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_<>-]+", token):
-        raise UsageError(f"--token '{token}' has characters a file name or a prompt cannot hold",
-                         hint="use letters, digits, '-', '_' (and <> for diffusers)")
+        raise UsageError(
+            f"--token '{token}' has characters a file name or a prompt cannot hold",
+            hint="use letters, digits, '-', '_' (and <> for diffusers)",
+        )
     if token.lower() in vocabulary:
-        raise UsageError(f"--token '{token}' is already a word of the base model", hint="choose a word it does not know")
+        raise UsageError(
+            f"--token '{token}' is already a word of the base model", hint="choose a word it does not know"
+        )
 
 
 def export(options: ExportOptions) -> ExportResult:
@@ -117,7 +125,9 @@ def export(options: ExportOptions) -> ExportResult:
         "rank": "full" if options.rank == FULL_RANK else rank,
         "energy_kept": round(kept, 6),
         "embedding": asdict(options.embedding),
-        "concept": {key: info[key] for key in ("domain", "class_word", "base_model", "checkpoint", "offsets") if key in info},
+        "concept": {
+            key: info[key] for key in ("domain", "class_word", "base_model", "checkpoint", "offsets") if key in info
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "e4t_version": __version__,
     }
@@ -145,18 +155,20 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> Non
 
 def diffusers_readme(token: str, info: dict, names: dict[str, str]) -> str:
     base = info["base_model"]["source"]
-    shown = base if not base.startswith("domain:") else "<the base model of domain " + base.removeprefix("domain:") + ">"
+    shown = (
+        base if not base.startswith("domain:") else "<the base model of domain " + base.removeprefix("domain:") + ">"
+    )
     return f"""# {token}: an e4t concept for diffusers
 
-Exported by `e4t export --format diffusers` from a concept of domain `{info['domain']}`.
-Base model: `{shown}` (fingerprint {info['base_model']['fingerprint']}).
+Exported by `e4t export --format diffusers` from a concept of domain `{info["domain"]}`.
+Base model: `{shown}` (fingerprint {info["base_model"]["fingerprint"]}).
 
 ```python
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{shown}")
-pipe.load_textual_inversion("{names['embedding']}", token="{token}")
-pipe.load_lora_weights(".", weight_name="{names['lora']}")
+pipe.load_textual_inversion("{names["embedding"]}", token="{token}")
+pipe.load_lora_weights(".", weight_name="{names["lora"]}")
 image = pipe("a photo of {token} as an astronaut").images[0]
 ```
 

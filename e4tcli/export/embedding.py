@@ -36,10 +36,17 @@ def fixed_embedding(model, image_features, resolution: int, settings: EmbeddingS
         raise ValueError(f"steps_averaged must be one of {STEP_CHOICES}, not {settings.steps_averaged!r}")
     seen = []
     sampling = SamplingSettings(
-        prompt=settings.prompt, num_images=settings.images, seed=0, steps=settings.steps, guidance=settings.guidance,
-        height=resolution, width=resolution,
+        prompt=settings.prompt,
+        num_images=settings.images,
+        seed=0,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        height=resolution,
+        width=resolution,
     )
-    generate_images(model, image_features, sampling, on_concept=lambda concept: seen.append(concept.detach().float().cpu()))
+    generate_images(
+        model, image_features, sampling, on_concept=lambda concept: seen.append(concept.detach().float().cpu())
+    )
     half = len(seen) // 2
     chosen = {"all": seen, "early": seen[: max(1, half)], "late": seen[half:]}[settings.steps_averaged]
     return torch.cat(chosen).mean(dim=0)

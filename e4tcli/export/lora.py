@@ -35,7 +35,7 @@ class LoraLayer:
 
 def weight_change(weight: torch.Tensor, column: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """``W * dW`` with ``dW = column @ row^T`` (out x in), applied to every tap of a convolution's kernel."""
-    delta = (column.double() @ row.double().T)
+    delta = column.double() @ row.double().T
     delta = delta.reshape(delta.shape + (1,) * (weight.dim() - 2))
     return weight.double() * delta
 

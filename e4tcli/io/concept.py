@@ -24,7 +24,6 @@ from e4tcli.io.atomic import atomic_file
 
 FORMAT = "e4t-concept"
 VERSION = 1
-SUFFIX = ".safetensors"
 PRECISIONS = ("fp16", "fp32")
 
 

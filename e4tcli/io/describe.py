@@ -38,18 +38,24 @@ def tensor_groups(tensors: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def describe_file(path: Path) -> dict[str, Any]:
     """A concept's or an exported file's recipe, tensors and sizes; a one-line error for any other file."""
     from e4tcli.export import FORMAT as EXPORT_FORMAT
-    from e4tcli.io.concept import FORMAT as CONCEPT_FORMAT, read_header
+    from e4tcli.io.concept import FORMAT as CONCEPT_FORMAT
+    from e4tcli.io.concept import read_header
 
     path = Path(path)
     metadata, tensors = read_header(path, "file", "pass a concept or a file written by 'e4t export'", tensor_table)
     kind = metadata.get("format")
     if kind not in (CONCEPT_FORMAT, EXPORT_FORMAT) or "e4t" not in metadata:
-        raise UsageError(f"{path} is not an e4t concept or exported file",
-                         hint="pass a file written by 'e4t tune' or 'e4t export'")
+        raise UsageError(
+            f"{path} is not an e4t concept or exported file", hint="pass a file written by 'e4t tune' or 'e4t export'"
+        )
     info = json.loads(metadata["e4t"])
     described: dict[str, Any] = {"file": str(path), "size_bytes": path.stat().st_size}
     if kind == CONCEPT_FORMAT:
-        offsets = {row["name"].removeprefix("offsets.").rsplit(".", 1)[0] for row in tensors if row["name"].startswith("offsets.")}
+        offsets = {
+            row["name"].removeprefix("offsets.").rsplit(".", 1)[0]
+            for row in tensors
+            if row["name"].startswith("offsets.")
+        }
         described |= {
             "kind": "concept",
             "domain": info.get("domain"),

@@ -21,7 +21,9 @@ def fingerprint_tensors(tensors: Mapping[str, "object"]) -> str:
         tensor = tensors[name].detach()
         flat = tensor.reshape(-1)
         if flat.numel() > SAMPLES_PER_TENSOR:
-            index = torch.arange(SAMPLES_PER_TENSOR, device=flat.device) * (flat.numel() - 1) // (SAMPLES_PER_TENSOR - 1)
+            index = (
+                torch.arange(SAMPLES_PER_TENSOR, device=flat.device) * (flat.numel() - 1) // (SAMPLES_PER_TENSOR - 1)
+            )
             flat = flat[index]
         values = flat.to(device="cpu", dtype=torch.float16).numpy().tobytes()
         digest.update(f"{name}:{tuple(tensor.shape)}:".encode())

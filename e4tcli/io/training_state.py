@@ -67,12 +67,18 @@ def optimizer_from_safetensors(tensors: dict, metadata: dict) -> dict:
         return {"state": {int(i): values for i, values in tree.items()}, "param_groups": metadata["param_groups"]}
     tree = _unflatten({**tensors, **metadata["scalars"]}).get("state", {})
     keys = metadata["keys"]
-    return {"state": {keys[int(position)]: values for position, values in tree.items()},
-            "param_groups": metadata["param_groups"]}
+    return {
+        "state": {keys[int(position)]: values for position, values in tree.items()},
+        "param_groups": metadata["param_groups"],
+    }
 
 
 def save_training_checkpoint(
-    folder: Path, config: dict, model_tensors: dict, optimizer_state: dict, ema: Optional[dict] = None,
+    folder: Path,
+    config: dict,
+    model_tensors: dict,
+    optimizer_state: dict,
+    ema: Optional[dict] = None,
     scaler_state: Optional[dict] = None,
 ) -> None:
     """``scaler_state``: the fp16 loss scaler's state (plain numbers), so a resumed fp16 run scales alike."""
@@ -136,7 +142,9 @@ def read_training_state(folder: Path, expected: dict) -> TrainingState:
             )
     optimizer_path = Path(folder) / OPTIMIZER_NAME
     if not optimizer_path.is_file():
-        raise UsageError(f"{folder} has no optimizer state", hint="resume from a checkpoint written during pre-training")
+        raise UsageError(
+            f"{folder} has no optimizer state", hint="resume from a checkpoint written during pre-training"
+        )
     with safe_open(str(optimizer_path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["e4t"])
     ema_path = checkpoint.folder / EMA_NAME

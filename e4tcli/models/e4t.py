@@ -30,7 +30,9 @@ def unet_channels(unet) -> tuple[int, ...]:
 
 
 def _factors_by_layer(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    columns = {k.removeprefix("offsets.").removesuffix(".column"): v for k, v in tensors.items() if k.endswith(".column")}
+    columns = {
+        k.removeprefix("offsets.").removesuffix(".column"): v for k, v in tensors.items() if k.endswith(".column")
+    }
     rows = {k.removeprefix("offsets.").removesuffix(".row"): v for k, v in tensors.items() if k.endswith(".row")}
     return {name: (columns[name].float(), rows[name].float()) for name in columns if name in rows}
 
@@ -99,7 +101,11 @@ class E4TModel:
     # --- text -------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
         ).input_ids.to(self.placement.device)
 
     def encode_text(self, input_ids: torch.Tensor, concept: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -60,7 +60,25 @@ class OffsetConfig:
             raise ValueError(f"unknown weight-offset layers '{self.layers}'; use one of: {', '.join(OFFSET_LAYERS)}")
 
 
+OFFSET_CLASSES: dict[str, type[nn.Module]] = {}
+"""Offset kind -> its module class; the names users may choose are ``e4tcli.domain.OFFSET_KINDS``
+(torch-free), which a test keeps equal to these keys. A new kind is one class with ``build`` and ``factors``."""
+
+
+def offset_kind(name: str):
+    def register(cls):
+        OFFSET_CLASSES[name] = cls
+        return cls
+
+    return register
+
+
+@offset_kind("paper")
 class PaperOffset(nn.Module):
+    @classmethod
+    def build(cls, config: "OffsetConfig", out_features: int, in_features: int) -> "PaperOffset":
+        return cls(out_features, in_features, config.constant_dim)
+
     def __init__(self, out_features: int, in_features: int, constant_dim: int):
         super().__init__()
         self.constant = nn.Parameter(torch.randn(constant_dim) / math.sqrt(constant_dim))
@@ -78,7 +96,12 @@ class PaperOffset(nn.Module):
         return column[:, None], row[:, None]
 
 
+@offset_kind("lowrank")
 class LowRankOffset(nn.Module):
+    @classmethod
+    def build(cls, config: "OffsetConfig", out_features: int, in_features: int) -> "LowRankOffset":
+        return cls(out_features, in_features, config.rank)
+
     def __init__(self, out_features: int, in_features: int, rank: int):
         super().__init__()
         self.up = nn.Parameter(torch.zeros(out_features, rank))
@@ -118,9 +141,7 @@ def modulate(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def make_offset(config: OffsetConfig, out_features: int, in_features: int) -> nn.Module:
-    if config.kind == "paper":
-        return PaperOffset(out_features, in_features, config.constant_dim)
-    return LowRankOffset(out_features, in_features, config.rank)
+    return OFFSET_CLASSES[config.kind].build(config, out_features, in_features)
 
 
 class OffsetLinear(nn.Module):

@@ -37,8 +37,9 @@ def read(dataset, index: int, with_metadata: bool = False) -> tuple:
     return dataset[index], (dataset.metadata(index) if hasattr(dataset, "metadata") else None)
 
 
-def decode(dataset, index: int, resolution: int, preprocess: Optional[Callable] = None,
-           with_metadata: bool = False) -> tuple[np.ndarray, Optional[dict]]:
+def decode(
+    dataset, index: int, resolution: int, preprocess: Optional[Callable] = None, with_metadata: bool = False
+) -> tuple[np.ndarray, Optional[dict]]:
     """One dataset image as an (H, W, 3) uint8 array at ``resolution``, and its metadata (see ``read``)."""
     image, metadata = read(dataset, index, with_metadata)
     image = square_resize(preprocess(image) if preprocess else image, resolution)
@@ -48,9 +49,20 @@ def decode(dataset, index: int, resolution: int, preprocess: Optional[Callable] 
 class MicroBatches(torch.utils.data.Dataset):
     """Item k is this process's k-th micro-batch from ``first_step`` on: (H, W, 3) uint8 images, flipped as planned."""
 
-    def __init__(self, dataset, plan: Callable[[int], list], first_step: int, last_step: int, accumulation: int,
-                 world: int, rank: int, per_device: int, resolution: int, preprocess: Optional[Callable] = None,
-                 with_metadata: bool = False):
+    def __init__(
+        self,
+        dataset,
+        plan: Callable[[int], list],
+        first_step: int,
+        last_step: int,
+        accumulation: int,
+        world: int,
+        rank: int,
+        per_device: int,
+        resolution: int,
+        preprocess: Optional[Callable] = None,
+        with_metadata: bool = False,
+    ):
         self.dataset, self.plan, self.first_step = dataset, plan, first_step
         self.count = max(0, last_step - first_step + 1) * accumulation
         self.accumulation, self.world, self.rank, self.per_device = accumulation, world, rank, per_device
@@ -114,8 +126,13 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 def loader(micro_batches: MicroBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        micro_batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=2 if workers else None, persistent_workers=False,
+        micro_batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
         worker_init_fn=_ignore_stop_signals if workers else None,
     )
 
@@ -146,8 +163,18 @@ class FeatureCache:
         info = self.folder / "cache.json"
         return info.is_file() and json.loads(info.read_text()) == key
 
-    def build(self, key: dict, dataset, count: int, encode: Callable[[list], tuple], resolution: int,
-              preprocess: Optional[Callable] = None, rank: int = 0, world: int = 1, with_metadata: bool = False) -> None:
+    def build(
+        self,
+        key: dict,
+        dataset,
+        count: int,
+        encode: Callable[[list], tuple],
+        resolution: int,
+        preprocess: Optional[Callable] = None,
+        rank: int = 0,
+        world: int = 1,
+        with_metadata: bool = False,
+    ) -> None:
         """``encode(list of uint8 arrays) -> (mean, std, features)``, called on at most ``ENCODE_BATCH``
         images at a time; chunk k is written by rank k % world.
 
@@ -171,14 +198,20 @@ class FeatureCache:
                     if (handle.metadata() or {}).get("key") == tag:
                         continue
             first = number * CHUNK
-            decoded = [decode(dataset, i, resolution, preprocess, with_metadata) for i in range(first, min(first + CHUNK, count))]
+            decoded = [
+                decode(dataset, i, resolution, preprocess, with_metadata)
+                for i in range(first, min(first + CHUNK, count))
+            ]
             both = [a for array, _ in decoded for a in (array, np.ascontiguousarray(array[:, ::-1]))]
             parts = [encode(both[i : i + ENCODE_BATCH]) for i in range(0, len(both), ENCODE_BATCH)]
-            tensors = {name: torch.cat([part[k].cpu() for part in parts]) for k, name in enumerate(("mean", "std", "features"))}
+            tensors = {
+                name: torch.cat([part[k].cpu() for part in parts]) for k, name in enumerate(("mean", "std", "features"))
+            }
             records = json.dumps([record for _, record in decoded])
             with atomic_file(path) as tmp:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                          metadata={"key": tag, "records": records})
+                save_file(
+                    {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": tag, "records": records}
+                )
 
     def finish(self, key: dict) -> None:
         from e4tcli.io.atomic import atomic_file

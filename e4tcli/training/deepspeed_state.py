@@ -56,8 +56,10 @@ def refuse_unsupported_deepspeed(accelerator, dtype: torch.dtype) -> None:
         )
     for section in ("offload_optimizer", "offload_param"):
         if str(zero.get(section, {}).get("device", "none")).lower() not in ("none", "auto"):
-            raise UsageError(f"e4t pretrain does not run with DeepSpeed's {section}",
-                             hint="set its device to none (the trained parts are small)")
+            raise UsageError(
+                f"e4t pretrain does not run with DeepSpeed's {section}",
+                hint="set its device to none (the trained parts are small)",
+            )
     if dtype == torch.float16:
         # seen with deepspeed 0.19.8: its fp16 autocast scaler, once a step overflows, is never
         # lowered, so every later step is skipped as well
@@ -75,8 +77,11 @@ def configure_deepspeed(accelerator, micro_batch: int, accumulation: int, optimi
                 f"the DeepSpeed config sets '{section}', but e4t builds its own",
                 hint=f"remove '{section}' from the DeepSpeed config; set the learning rate with --lr",
             )
-    split = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
-             "train_batch_size": micro_batch * accumulation * accelerator.num_processes}
+    split = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * accelerator.num_processes,
+    }
     for key, value in split.items():
         chosen = config.get(key, "auto")
         accelerate_default = key == "gradient_accumulation_steps" and chosen == 1
@@ -147,8 +152,10 @@ def gather_deepspeed_state(engine) -> tuple[dict, dict]:
             state[name] = {"step": step.clone(), **{key: value.float().cpu() for key, value in moments.items()}}
     if not keep:
         return {}, {}
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(model_state)}
-              for group in inner.param_groups[:1]]
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": list(model_state)}
+        for group in inner.param_groups[:1]
+    ]
     return model_state, {"state": state, "param_groups": groups}
 
 
@@ -167,8 +174,10 @@ def load_deepspeed_state(engine, model_state: dict, optimizer_state: dict) -> No
     named = dict(engine.module.named_parameters())
     missing = sorted(set(named) - set(model_state))
     if missing:
-        raise UsageError(f"the checkpoint lacks {len(missing)} trained weights (first: {missing[0]})",
-                         hint="resume with the same --offsets, --offset-rank and --offset-layers")
+        raise UsageError(
+            f"the checkpoint lacks {len(missing)} trained weights (first: {missing[0]})",
+            hint="resume with the same --offsets, --offset-rank and --offset-layers",
+        )
     with torch.no_grad():
         for name, parameter in named.items():
             value = model_state[name].to(device=parameter.device, dtype=torch.float32)
@@ -185,8 +194,10 @@ def load_deepspeed_state(engine, model_state: dict, optimizer_state: dict) -> No
         # ZeRO-1/2 point each parameter at its slice of the new state (a private step, tested on 0.19.8)
         link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is None:
-            raise RuntimeFailure(f"this DeepSpeed ({_deepspeed_version()}) cannot be resumed by e4t",
-                                 hint="install deepspeed==0.19.8, the version e4t is tested with")
+            raise RuntimeFailure(
+                f"this DeepSpeed ({_deepspeed_version()}) cannot be resumed by e4t",
+                hint="install deepspeed==0.19.8, the version e4t is tested with",
+            )
         engine.optimizer._hp_optimizer_states_linked = False
         link()
     with torch.no_grad():

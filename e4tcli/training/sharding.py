@@ -59,8 +59,10 @@ def load_full_state(parts: nn.Module, optimizer, model_state: dict, optimizer_st
     engine = deepspeed_engine(parts)
     if engine is not None:
         if optimizer_state["state"] and all(isinstance(key, int) for key in optimizer_state["state"]):
-            raise UsageError("this checkpoint's optimizer state predates named parameters and cannot resume under DeepSpeed",
-                             hint="resume it once without DeepSpeed, or start a new run")
+            raise UsageError(
+                "this checkpoint's optimizer state predates named parameters and cannot resume under DeepSpeed",
+                hint="resume it once without DeepSpeed, or start a new run",
+            )
         load_deepspeed_state(engine, model_state, optimizer_state)
         return
     options = StateDictOptions(full_state_dict=True)

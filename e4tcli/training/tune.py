@@ -90,7 +90,9 @@ def tune_concept(
         )
         optimizer.zero_grad(set_to_none=True)
         with shared_factors(model.offsets):
-            losses = training_step(model, batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights, generator)
+            losses = training_step(
+                model, batch, noise_scheduler, settings.lambda_emb, settings.lambda_weights, generator
+            )
             check_finite(losses, step)
             scaler.scale(losses.total).backward()
         scaler.step(optimizer)

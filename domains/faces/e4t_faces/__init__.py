@@ -6,9 +6,9 @@ photo (``faces.align_face``) and weights the loss by a face ellipse
 (``faces.face_mask``).
 """
 
+from e4t_faces.faces import align_face, face_mask
 from e4tcli import Domain, PhaseDefaults, hookimpl
 from e4tcli.datasets import any_images
-from e4t_faces.faces import align_face, face_mask
 
 
 @hookimpl

@@ -61,7 +61,9 @@ def _gray(image, limit: int):
     array = np.asarray(image.convert("L"))
     scale = min(1.0, limit / max(array.shape))
     if scale < 1.0:
-        array = cv2.resize(array, (round(array.shape[1] * scale), round(array.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        array = cv2.resize(
+            array, (round(array.shape[1] * scale), round(array.shape[0] * scale)), interpolation=cv2.INTER_AREA
+        )
     return cv2.equalizeHist(array), scale
 
 
@@ -105,7 +107,9 @@ def detect_face(image) -> Optional[Face]:
     for angle in ANGLES:
         # Turning the photo counter-clockwise by `angle` makes a face tilted by `angle` upright.
         matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
-        turned = gray if angle == 0 else cv2.warpAffine(gray, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101)
+        turned = (
+            gray if angle == 0 else cv2.warpAffine(gray, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101)
+        )
         found = _upright_face(turned)
         if found is None:
             continue

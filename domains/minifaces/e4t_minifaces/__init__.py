@@ -37,7 +37,7 @@ def minifaces_domain() -> Domain:
         base_model=str(WEIGHTS / "base"),
         backbone=str(WEIGHTS / "backbone"),
         checkpoint=str(WEIGHTS / "checkpoint"),
-        pretrain=PhaseDefaults(steps=1000, learning_rate=1e-3, batch_size=16, resolution=32, lambda_emb=1e-4),
+        pretrain=PhaseDefaults(steps=2000, learning_rate=1e-3, batch_size=16, resolution=32, lambda_emb=1e-4),
         tune=PhaseDefaults(steps=5, learning_rate=3e-3, batch_size=16, resolution=32, lambda_emb=1e-4),
         lambda_weights=1e-4,
         # This small UNet draws a face mostly with its convolutions (attention only at 8x8 and 4x4),

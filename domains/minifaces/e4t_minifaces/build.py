@@ -50,15 +50,15 @@ class BuildSettings:
     base_steps: int = 2500
     base_batch: int = 32
     base_lr: float = 1e-3
-    base_refine_steps: int = 0
+    base_refine_steps: int = 1000
     """A second round from the first round's saved model, fresh optimizer (0: none)."""
-    base_refine_lr: float = 3e-4
-    refine_full_descriptions: bool = False
+    base_refine_lr: float = 5e-4
+    refine_full_descriptions: bool = True
     """The second round's captions name every visible attribute (a curriculum: the first round binds the scene
     words on short captions, the second adds the attribute words)."""
     backbone_steps: int = 400
-    domain_steps: int = 1000
-    domain_images: int = 3000
+    domain_steps: int = 2000
+    domain_images: int = 10000
     reader_steps: int = 1000
     caption_attributes: bool = True
     """Base-model captions sometimes name a few identity attributes (``world.samples(describe_attributes=...)``)."""
@@ -88,13 +88,18 @@ def warmup_cosine(step: int, total: int, warmup: int = 200, floor: float = 0.1) 
 
 
 def save_fp16(model, folder: Path) -> None:
-    """``save_pretrained`` of an fp16 copy, written under a temporary name then renamed."""
+    """``save_pretrained`` of an fp16 copy, written under a temporary name then renamed, without the
+    ``_name_or_path`` that diffusers records (a path of the building machine)."""
     import copy
 
     from e4tcli.io.atomic import atomic_folder
 
     with atomic_folder(folder) as tmp:
         copy.deepcopy(model).half().save_pretrained(tmp, safe_serialization=True)
+        config_file = tmp / "config.json"
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- vae
@@ -129,8 +134,19 @@ def train_vae(settings: BuildSettings) -> None:
 
 
 # --------------------------------------------------------------------------- base
-def fit_base(unet, text_encoder, vae, tokenizer, settings: BuildSettings, steps: int, lr: float, warmup: int, seed: int, stage: str,
-             full_descriptions: bool) -> None:
+def fit_base(
+    unet,
+    text_encoder,
+    vae,
+    tokenizer,
+    settings: BuildSettings,
+    steps: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    stage: str,
+    full_descriptions: bool,
+) -> None:
     """Train UNet and text encoder jointly on captioned generator images; the weights end as their EMA."""
     from diffusers import DDPMScheduler
 
@@ -172,7 +188,10 @@ def fit_base(unet, text_encoder, vae, tokenizer, settings: BuildSettings, steps:
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             rate = (time.perf_counter() - started) / (step + 1)
-            log(stage, f"step {step} loss {running:.4f} ({rate:.2f} s/step, {rate * (steps - step - 1) / 60:.0f} min left)")
+            log(
+                stage,
+                f"step {step} loss {running:.4f} ({rate:.2f} s/step, {rate * (steps - step - 1) / 60:.0f} min left)",
+            )
     with torch.no_grad():
         for average, p in zip(ema, trained):
             p.copy_(average)
@@ -211,15 +230,37 @@ def train_base(settings: BuildSettings) -> None:
     if not first.exists():
         torch.manual_seed(settings.seed)
         unet, text_encoder = models.new_unet(settings.attention_everywhere), models.new_text_encoder()
-        fit_base(unet, text_encoder, vae, tokenizer, settings, settings.base_steps, settings.base_lr, 200, settings.seed, "base",
-                 settings.full_descriptions)
+        fit_base(
+            unet,
+            text_encoder,
+            vae,
+            tokenizer,
+            settings,
+            settings.base_steps,
+            settings.base_lr,
+            200,
+            settings.seed,
+            "base",
+            settings.full_descriptions,
+        )
         save_base(unet, text_encoder, settings, tokenizer_dir, first if settings.base_refine_steps else out)
     if settings.base_refine_steps:
         unet = UNet2DConditionModel.from_pretrained(first / "unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(first / "text_encoder", torch_dtype=torch.float32)
         torch.manual_seed(settings.seed + 7)
-        fit_base(unet, text_encoder, vae, tokenizer, settings, settings.base_refine_steps, settings.base_refine_lr, 50,
-                 settings.seed + 7, "base (round 2)", settings.full_descriptions or settings.refine_full_descriptions)
+        fit_base(
+            unet,
+            text_encoder,
+            vae,
+            tokenizer,
+            settings,
+            settings.base_refine_steps,
+            settings.base_refine_lr,
+            50,
+            settings.seed + 7,
+            "base (round 2)",
+            settings.full_descriptions or settings.refine_full_descriptions,
+        )
         save_base(unet, text_encoder, settings, tokenizer_dir, out)
 
 
@@ -296,8 +337,8 @@ def write_portraits(folder: Path, count: int, seed: int) -> None:
 
 
 def pretrain_domain(settings: BuildSettings) -> None:
-    from e4tcli import api
     from e4t_minifaces import minifaces_domain
+    from e4tcli import api
 
     out = settings.work / "domain"
     latest = out / "latest"
@@ -331,8 +372,11 @@ def pretrain_domain(settings: BuildSettings) -> None:
         if step % 100 == 0 or step == settings.domain_steps:
             rate = (time.perf_counter() - first[1]) / max(step - first[0], 1)
             left = rate * (settings.domain_steps - step) / 60
-            log("domain", f"step {step} loss {losses.as_floats()['denoising']:.4f} ({rate:.2f} s/step, {left:.0f} min left, "
-                          f"peak RSS {peak_rss_mb():.0f} MB)")
+            log(
+                "domain",
+                f"step {step} loss {losses.as_floats()['denoising']:.4f} ({rate:.2f} s/step, {left:.0f} min left, "
+                f"peak RSS {peak_rss_mb():.0f} MB)",
+            )
 
     api.pretrain(options, domain, on_step=on_step)
 
@@ -380,7 +424,7 @@ def portable_recipe(recipe: dict, work: Path) -> dict:
     """The recipe with the build folder's paths written as ``{work}/...``: no path of the building machine."""
     root = str(Path(work).resolve())
     return {
-        key: "{work}" + value[len(root):] if isinstance(value, str) and value.startswith(root) else value
+        key: "{work}" + value[len(root) :] if isinstance(value, str) and value.startswith(root) else value
         for key, value in recipe.items()
     }
 

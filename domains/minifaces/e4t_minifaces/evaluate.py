@@ -104,7 +104,9 @@ def scene_prompts(settings: EvalSettings) -> list[tuple[str, str]]:
 
 def initial_latents(count: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The same per-image noise as e4t's own sampler (image i: seed + i)."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
+    return torch.cat(
+        [torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i)) for i in range(count)]
+    )
 
 
 class World:
@@ -142,8 +144,11 @@ class World:
         if self._e4t is None:
             config = self.checkpoint.config
             self._e4t = E4TModel(
-                self.load_base(), config["class_word"], EncoderConfig.from_dict(config["encoder"]),
-                OffsetConfig(**config["offsets"]), self.placement,
+                self.load_base(),
+                config["class_word"],
+                EncoderConfig.from_dict(config["encoder"]),
+                OffsetConfig(**config["offsets"]),
+                self.placement,
             )
         self._e4t.load_trainable_state_dict(self.checkpoint.tensors)
         return self._e4t
@@ -156,8 +161,12 @@ class World:
 
         config = self.checkpoint.config
         return E4TModel(
-            self.load_base(), config["class_word"], EncoderConfig.from_dict(config["encoder"]),
-            OffsetConfig(**config["offsets"]), self.placement, tensors,
+            self.load_base(),
+            config["class_word"],
+            EncoderConfig.from_dict(config["encoder"]),
+            OffsetConfig(**config["offsets"]),
+            self.placement,
+            tensors,
         )
 
 
@@ -168,9 +177,14 @@ def plain_pipeline(base, unet=None, text_encoder=None, tokenizer=None):
     from e4tcli.pipeline import sampling_scheduler
 
     pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=text_encoder or base.text_encoder, tokenizer=tokenizer or base.tokenizer,
-        unet=unet or base.unet, scheduler=sampling_scheduler(base.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=base.vae,
+        text_encoder=text_encoder or base.text_encoder,
+        tokenizer=tokenizer or base.tokenizer,
+        unet=unet or base.unet,
+        scheduler=sampling_scheduler(base.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -182,9 +196,14 @@ def sample_plain(pipe, prompts: list[str], settings: EvalSettings, latent_shape)
     per = settings.seeds_per_prompt
     latents = torch.cat([initial_latents(per, settings.seed, latent_shape) for _ in range(len(prompts) // per)])
     return pipe(
-        prompt=prompts, negative_prompt=[""] * len(prompts), latents=latents.to(pipe.unet.dtype),
-        num_inference_steps=settings.sampling_steps, guidance_scale=settings.guidance, height=world.RESOLUTION,
-        width=world.RESOLUTION, output_type="pil",
+        prompt=prompts,
+        negative_prompt=[""] * len(prompts),
+        latents=latents.to(pipe.unet.dtype),
+        num_inference_steps=settings.sampling_steps,
+        guidance_scale=settings.guidance,
+        height=world.RESOLUTION,
+        width=world.RESOLUTION,
+        output_type="pil",
     ).images
 
 
@@ -194,8 +213,13 @@ def sample_e4t(model, features, settings: EvalSettings) -> list:
     images = []
     for background in settings.backgrounds:
         sampling = SamplingSettings(
-            prompt=PROMPT.format(background=background), num_images=settings.seeds_per_prompt, seed=settings.seed,
-            steps=settings.sampling_steps, guidance=settings.guidance, height=world.RESOLUTION, width=world.RESOLUTION,
+            prompt=PROMPT.format(background=background),
+            num_images=settings.seeds_per_prompt,
+            seed=settings.seed,
+            steps=settings.sampling_steps,
+            guidance=settings.guidance,
+            height=world.RESOLUTION,
+            width=world.RESOLUTION,
         )
         images += generate_images(model, features, sampling)
     return images
@@ -220,10 +244,10 @@ def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets
 
 def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True):
     """The concept ``e4t tune`` writes for ``identity``'s portrait after ``steps`` steps, as read back from its file."""
+    from e4t_minifaces import minifaces_domain
     from e4tcli.io.concept import load_concept, save_concept
     from e4tcli.models.loading import backbone_features
     from e4tcli.training.tune import TuneSettings, tune_concept
-    from e4t_minifaces import minifaces_domain
 
     domain = minifaces_domain()
     model = w.e4t_model()
@@ -239,11 +263,23 @@ def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_o
             parameter.requires_grad_(tune_offsets)
         tune = domain.tune
         tuning = TuneSettings(
-            steps=steps, learning_rate=settings.e4t_learning_rate or tune.learning_rate, batch_size=tune.batch_size, resolution=world.RESOLUTION,
-            lambda_emb=tune.lambda_emb if settings.e4t_lambda_emb is None else settings.e4t_lambda_emb, lambda_weights=domain.lambda_weights, seed=0,
+            steps=steps,
+            learning_rate=settings.e4t_learning_rate or tune.learning_rate,
+            batch_size=tune.batch_size,
+            resolution=world.RESOLUTION,
+            lambda_emb=tune.lambda_emb if settings.e4t_lambda_emb is None else settings.e4t_lambda_emb,
+            lambda_weights=domain.lambda_weights,
+            seed=0,
         )
         try:
-            tune_concept(model, reference, features, domain.prompt_templates, tuning, DDPMScheduler.from_config(model.base.scheduler_config))
+            tune_concept(
+                model,
+                reference,
+                features,
+                domain.prompt_templates,
+                tuning,
+                DDPMScheduler.from_config(model.base.scheduler_config),
+            )
         finally:
             for parameter in offset_parameters(model.offsets):
                 parameter.requires_grad_(True)
@@ -255,7 +291,9 @@ def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_o
     return concept, seconds, size
 
 
-def run_exported(w: World, identity, settings: EvalSettings, steps: int, rank: Optional[int], steps_averaged: str = "all"):
+def run_exported(
+    w: World, identity, settings: EvalSettings, steps: int, rank: Optional[int], steps_averaged: str = "all"
+):
     """E4T-N exported as ``e4t export --format diffusers`` does (the fixed embedding, and a LoRA of ``rank``;
     None: the embedding alone, 0: full rank) and drawn by a plain diffusers pipeline that loads the files."""
     from safetensors.torch import save_file
@@ -269,8 +307,9 @@ def run_exported(w: World, identity, settings: EvalSettings, steps: int, rank: O
     token = "<mini-export>"
     with tempfile.TemporaryDirectory() as tmp:
         embedding_file, lora_file = Path(tmp) / "learned_embeds.safetensors", Path(tmp) / "lora.safetensors"
-        embedding = fixed_embedding(model, concept.image_features, world.RESOLUTION,
-                                    EmbeddingSettings(steps_averaged=steps_averaged))
+        embedding = fixed_embedding(
+            model, concept.image_features, world.RESOLUTION, EmbeddingSettings(steps_averaged=steps_averaged)
+        )
         save_file({token: embedding.reshape(1, -1).contiguous()}, str(embedding_file))
         pipe = plain_pipeline(w.load_base())
         pipe.load_textual_inversion(str(embedding_file), token=token)
@@ -290,8 +329,8 @@ EXPORT_EMBEDDINGS = {"export-embedding-early": "early", "export-embedding-late":
 
 def _training_batches(tokenizer, word: str, reference, base, steps: int, seed: int):
     """Per step: clean latents (the reference and its mirror image), token ids of the domain's templates with ``word``."""
-    from e4tcli.training.images import latent_distribution, to_pixels
     from e4t_minifaces import minifaces_domain
+    from e4tcli.training.images import latent_distribution, to_pixels
 
     templates = minifaces_domain().prompt_templates
     mean, std = latent_distribution(base.vae, to_pixels([reference, reference.transpose(0)]))
@@ -300,7 +339,9 @@ def _training_batches(tokenizer, word: str, reference, base, steps: int, seed: i
         choice = torch.randint(0, 2, (BASELINE_BATCH,), generator=generator)
         latents = mean[choice] + std[choice] * torch.randn(mean[choice].shape, generator=generator)
         prompts = [rng.choice(templates).replace("S*", word) for _ in range(BASELINE_BATCH)]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         yield latents, ids, generator
 
 
@@ -323,7 +364,9 @@ def run_textual_inversion(w: World, identity, settings: EvalSettings, steps: int
     token = "<mini-s>"
     tokenizer.add_tokens([token])
     class_id = tokenizer(world.CLASS_WORD, add_special_tokens=False).input_ids[0]
-    embedding = PlaceholderEmbedding(text_encoder.get_input_embeddings(), tokenizer.convert_tokens_to_ids(token), class_id)
+    embedding = PlaceholderEmbedding(
+        text_encoder.get_input_embeddings(), tokenizer.convert_tokens_to_ids(token), class_id
+    )
     text_encoder.set_input_embeddings(embedding)
     concept = embedding.weight[class_id].detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([concept], lr=TI_LR)
@@ -356,7 +399,9 @@ def run_dreambooth(w: World, identity, settings: EvalSettings, steps: int):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=DREAMBOOTH_LR, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
     started = time.perf_counter()
-    for latents, ids, generator in _training_batches(base.tokenizer, DREAMBOOTH_WORD, world.portrait(identity), base, steps, 0):
+    for latents, ids, generator in _training_batches(
+        base.tokenizer, DREAMBOOTH_WORD, world.portrait(identity), base, steps, 0
+    ):
         with torch.no_grad():
             states = base.text_encoder(ids)[0]
         loss = denoising_loss(unet, states, latents, noise_scheduler, generator)
@@ -391,8 +436,9 @@ def run_method(w: World, method: str, identity, settings: EvalSettings):
     if name in EXPORT_RANKS and steps.isdigit():
         return run_exported(w, identity, settings, int(steps), EXPORT_RANKS[name])
     if name not in METHODS or not steps.isdigit():
-        raise ValueError(f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, ti-N, dreambooth-N, "
-                         f"{'-N, '.join(EXPORT_RANKS)}-N)")
+        raise ValueError(
+            f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, ti-N, dreambooth-N, {'-N, '.join(EXPORT_RANKS)}-N)"
+        )
     return METHODS[name](w, identity, settings, int(steps))
 
 
@@ -447,8 +493,16 @@ def evaluate(w: World, methods: list[str], settings: EvalSettings, on_images=Non
         cross = cross_scores(reads, identities)
         scores.append(
             MethodScore(
-                method, float(cross.own.mean()), float(cross.margin.mean()), standard_error(cross.margin), cross.swap,
-                float(np.mean(fidelities)), float(np.median(seconds)), size, cross.own.tolist(), cross.margin.tolist(),
+                method,
+                float(cross.own.mean()),
+                float(cross.margin.mean()),
+                standard_error(cross.margin),
+                cross.swap,
+                float(np.mean(fidelities)),
+                float(np.median(seconds)),
+                size,
+                cross.own.tolist(),
+                cross.margin.tolist(),
             )
         )
     return scores
@@ -476,8 +530,7 @@ def obedience_prompts() -> dict[str, list[tuple[str, int]]]:
     ``world.ATTRIBUTE_PHRASES``, which only a base model trained with ``describe_attributes`` has seen."""
     prompts = {
         "background": [
-            (f"a {world.CLASS_WORD} on {world.article(b)} {b} background", i)
-            for i, b in enumerate(world.BACKGROUNDS)
+            (f"a {world.CLASS_WORD} on {world.article(b)} {b} background", i) for i, b in enumerate(world.BACKGROUNDS)
         ],
         "position": [
             (f"a {world.CLASS_WORD} on a {OBEDIENCE_BACKGROUND} background, {world.POSITION_WORDS[p]}", i)
@@ -486,7 +539,10 @@ def obedience_prompts() -> dict[str, list[tuple[str, int]]]:
     }
     for name, choices in world.IDENTITY_CHOICES.items():
         prompts[name] = [
-            (f"a {world.CLASS_WORD} with {world.ATTRIBUTE_PHRASES[name](value)} on a {OBEDIENCE_BACKGROUND} background", i)
+            (
+                f"a {world.CLASS_WORD} with {world.ATTRIBUTE_PHRASES[name](value)} on a {OBEDIENCE_BACKGROUND} background",
+                i,
+            )
             for i, value in enumerate(choices)
         ]
     return prompts

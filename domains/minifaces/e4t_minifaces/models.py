@@ -37,7 +37,9 @@ def new_unet(attention_everywhere: bool = False):
     """``attention_everywhere`` adds cross-attention at 16x16 too (an experiment: does text then reach local features?)."""
     from diffusers import UNet2DConditionModel
 
-    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_everywhere else ("DownBlock2D", "UpBlock2D")
+    first_down, last_up = (
+        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_everywhere else ("DownBlock2D", "UpBlock2D")
+    )
     return UNet2DConditionModel(
         sample_size=world.RESOLUTION // 2,
         in_channels=4,
@@ -101,10 +103,23 @@ class AttributeReader(nn.Module):
         super().__init__()
 
         def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            )
 
         self.features = nn.Sequential(
-            block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+            block(3, 32),
+            nn.MaxPool2d(2),
+            block(32, 64),
+            nn.MaxPool2d(2),
+            block(64, 128),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
         )
         self.heads = nn.ModuleDict({name: nn.Linear(512, len(choices)) for name, choices in world.ALL_CHOICES.items()})
 

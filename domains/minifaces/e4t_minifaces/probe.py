@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +52,9 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, steps:
     return probe
 
 
-def probe_backbone(backbone, layers: tuple[int, ...], train_count: int = 2000, test_count: int = 500, seed: int = 0) -> list[ProbeScore]:
+def probe_backbone(
+    backbone, layers: tuple[int, ...], train_count: int = 2000, test_count: int = 500, seed: int = 0
+) -> list[ProbeScore]:
     rng = random.Random(f"probe:{seed}")
     train = [world.random_identity(rng) for _ in range(train_count)]
     test = [world.random_identity(rng, held_out=True) for _ in range(test_count)]
@@ -62,6 +63,7 @@ def probe_backbone(backbone, layers: tuple[int, ...], train_count: int = 2000, t
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     scores = []
     for name, choices in world.IDENTITY_CHOICES.items():
+
         def labels_of(identities):
             return torch.tensor([choices.index(getattr(i, name)) for i in identities])
 

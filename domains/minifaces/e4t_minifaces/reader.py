@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from e4t_minifaces import world
 from e4t_minifaces.models import AttributeReader
 
-
 IGNORE = -100
 """Label of an attribute the picture does not show (cross_entropy's ignore_index)."""
 

@@ -152,13 +152,12 @@ ATTRIBUTE_PHRASES = {
     "hair_colour": lambda value: f"{value} hair",
 }
 DESCRIBED_COUNT_WEIGHTS = (1, 1, 2, 6)
-"""How often a caption names 0, 1, 2 or 3 attributes (the shipped base model's captions): mostly three, so
-that each attribute's words are in about a third of the captions (rarer words, in a sixth, never bound)."""
+"""How often a caption names 0, 1, 2 or 3 attributes in the base model's first training round: mostly three,
+so that each attribute's words are in about a third of the captions (rarer words, in a sixth, never bound)."""
 FULL_DESCRIPTION_WEIGHTS = (1, 0, 0, 2, 0, 0, 0, 7)
-"""An experiment (``build --full-descriptions``): 70% of captions name every visible attribute, 20% three,
-10% none, so that each attribute's words are in about 80% of the captions (docs/minifaces.md)."""
-MAX_DESCRIBED = len(DESCRIBED_COUNT_WEIGHTS) - 1
-"""A caption of the shipped base names at most this many of an identity's seven attributes."""
+"""The base model's second training round (``build --refine-full-descriptions``): 70% of captions name every
+visible attribute, 20% three, 10% none, so that each attribute's words are in about 80% of the captions
+(docs/minifaces.md). From scratch (``--full-descriptions``) these captions lose two background words."""
 
 
 def describe(identity: Identity, rng: random.Random, weights: tuple[int, ...] = DESCRIBED_COUNT_WEIGHTS) -> str:
@@ -251,7 +250,9 @@ class Sample:
 
 
 def samples(
-    seed: int, held_out: bool = False, describe_attributes: bool = False,
+    seed: int,
+    held_out: bool = False,
+    describe_attributes: bool = False,
     description_weights: tuple[int, ...] = DESCRIBED_COUNT_WEIGHTS,
 ) -> Iterator[Sample]:
     """An endless, seeded stream of captioned images of random identities in random scenes."""

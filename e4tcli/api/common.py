@@ -1,0 +1,73 @@
+"""What pre-training, tuning and generation share: domain defaults, schedulers, checkpointing."""
+
+from typing import Callable, Optional
+
+from e4tcli.domain import Domain
+from e4tcli.errors import UsageError
+
+OnStep = Optional[Callable[[int, object], None]]
+"""Receives (step, losses) for progress display."""
+
+
+def installed_base_model(domain_name: str) -> Optional[str]:
+    from e4tcli.plugins import load_registry
+
+    registered = load_registry().domains.get(domain_name)
+    return registered.domain.base_model if registered else None
+
+
+DOMAIN_DEFAULTED = frozenset({"steps", "learning_rate", "batch_size", "lambda_emb", "lambda_weights", "resolution"})
+"""Options whose ``None`` means the domain's default (``phase_values``); every other option that the
+training loop's settings share with the options is passed on as it is."""
+
+
+def phase_values(options, defaults, domain: Domain) -> dict:
+    """Steps, learning rate, batch size and loss weights: the option when given, else the domain's default."""
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return {
+        "steps": pick(options.steps, defaults.steps),
+        "learning_rate": pick(options.learning_rate, defaults.learning_rate),
+        "batch_size": pick(options.batch_size, defaults.batch_size),
+        "lambda_emb": pick(options.lambda_emb, defaults.lambda_emb),
+        "lambda_weights": pick(options.lambda_weights, domain.lambda_weights),
+    }
+
+
+def training_scheduler(base):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(base.scheduler_config)
+
+
+def checkpointing_by_default(device) -> bool:
+    """Tuning checkpoints activations on CUDA unless told otherwise.
+
+    Measured at SD 1.5 shapes, batch 16 at 512 px (the faces domain's tune
+    defaults), on one H200: peak 23.1 GB without, 9.9 GB with, and 5 steps no
+    slower (2.95 s vs 2.10 s, single runs). Without it a 24 GB card runs out.
+    """
+    return device.type == "cuda"
+
+
+def enable_gradient_checkpointing(model) -> None:
+    model.unet.enable_gradient_checkpointing()
+    model.unet.train()
+    text_encoder = model.text_encoder
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or getattr(
+        text_encoder, "gradient_checkpointing_enable", None
+    )
+    if enable is not None:
+        enable()
+        text_encoder.train()
+
+
+def check_same(kind: str, recorded: dict, actual_source: str, actual_fingerprint: str, flag: str) -> None:
+    if recorded["fingerprint"] != actual_fingerprint:
+        raise UsageError(
+            f"{kind} mismatch: made with '{recorded['source']}' (fingerprint {recorded['fingerprint']}), "
+            f"but '{actual_source}' has fingerprint {actual_fingerprint}",
+            hint=f"use {flag} '{recorded['source']}' (the {kind} it was made with)",
+        )
