@@ -68,6 +68,7 @@ test-fast: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 completions: $(STAMP)
 	$(BIN)/python scripts/make_completions.py

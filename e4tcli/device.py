@@ -1,7 +1,10 @@
 """Where and in which precision to run: CUDA, then MPS, then CPU."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 from e4tcli.errors import UsageError
 
@@ -10,8 +13,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class Placement:
-    device: "object"
-    dtype: "object"
+    device: "torch.device"
+    dtype: "torch.dtype"
     """dtype of the frozen weights; trainable weights always stay fp32."""
 
     @property

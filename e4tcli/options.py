@@ -12,7 +12,7 @@ came in. Torch-free: the CLI imports this module at start-up.
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from e4tcli.device import PRECISIONS
 from e4tcli.domain import OFFSET_KINDS, OFFSET_LAYERS
@@ -40,7 +40,9 @@ class Flag:
     """Shell completion: ``path`` or ``domain``."""
 
 
-def option(default=dataclasses.MISSING, help: str = "", **flag) -> dataclasses.Field:
+def option(default: Any = dataclasses.MISSING, help: str = "", **flag: Any) -> Any:
+    """A dataclass field with its ``Flag`` (typed ``Any``, as ``dataclasses.field`` is, so that the
+    field keeps its declared type for type checkers)."""
     return dataclasses.field(default=default, metadata={"flag": Flag(help=help, **flag)})
 
 

@@ -18,7 +18,7 @@ def recipe_fields() -> dict[str, type]:
     """Recipe key -> expected Python type (``domain`` plus every PretrainOptions field)."""
     from e4tcli.options import PretrainOptions
 
-    fields = {"domain": str}
+    fields: dict[str, type] = {"domain": str}
     for field in dataclasses.fields(PretrainOptions):
         hint = typing.get_type_hints(PretrainOptions)[field.name]
         if typing.get_origin(hint) in (typing.Union, types.UnionType):

@@ -10,7 +10,7 @@ from e4tcli.api.common import check_same, installed_base_model
 from e4tcli.errors import UsageError
 from e4tcli.io.destinations import check_output_folder, free_names
 from e4tcli.io.sources import portable_source, recorded_source
-from e4tcli.options import GenerateOptions
+from e4tcli.options import GenerateOptions, check_values
 
 
 @dataclass
@@ -73,10 +73,7 @@ def generate(options: GenerateOptions, progress: Optional[GenerationProgress] = 
 
     start = time.perf_counter()
     progress = progress or GenerationProgress()
-    for name in ("num_images", "steps", "batch_size"):
-        value = getattr(options, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    check_values(options)  # again: a caller may have changed a field after construction
     out = Path(options.out)
     check_output_folder(out)
     placement = choose_placement(options.device, options.precision)

@@ -127,7 +127,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
         "base_model": config["base_model"] | {"source": portable_source(base.source, domain.name, domain.base_model)},
         "backbone": config["backbone"],
         "checkpoint": {
-            "source": portable_source(options.checkpoint or domain.checkpoint, domain.name, domain.checkpoint),
+            "source": portable_source(str(options.checkpoint or domain.checkpoint), domain.name, domain.checkpoint),
             "fingerprint": checkpoint.fingerprint,
         },
         **model.describe(),
