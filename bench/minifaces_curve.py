@@ -28,6 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, apply_common_args, print_table, reserve_stdout_for_json  # noqa: E402
 
 
+def zero_unet_features() -> None:
+    """The encoder reads the reference alone: its input from the noisy latent is zeroed (a diagnosis:
+    in pre-training that latent is the reference itself, a possible shortcut)."""
+    import torch
+
+    from e4tcli.models.encoder import E4TEncoder
+
+    forward = E4TEncoder.forward
+    E4TEncoder.forward = lambda self, image, unet: forward(self, image, torch.zeros_like(unet))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the portraits, the run and the scores")
@@ -53,6 +64,11 @@ def main(argv=None) -> int:
         default=0.0,
         help="stop pre-training this long after the start, loading and feature cache included (0: never)",
     )
+    parser.add_argument(
+        "--without-unet-features",
+        action="store_true",
+        help="an ablation: zero the encoder's pooled UNet-feature input, in pre-training and scoring",
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -68,6 +84,8 @@ def main(argv=None) -> int:
     from e4tcli.stopping import Interrupted
 
     weights = args.weights or WEIGHTS
+    if args.without_unet_features:
+        zero_unet_features()
     evaluate_at = sorted({int(s) for s in args.evaluate_at.split(",") if s} | {args.steps})
     args.work.mkdir(parents=True, exist_ok=True)
     portraits = args.work / f"portraits-{args.portraits}"
