@@ -172,18 +172,18 @@ def run(cfg: Config) -> list[dict]:
 
     # Generation as `e4t generate` does it: a concept's fixed offsets, models in eval mode.
     model.load_trainable_state_dict(fresh_state)
-    concept = model.concept_state_dict()
+    concept = model.concept_state_dict(features[:1])
     base.unet.disable_gradient_checkpointing()
     base.unet.eval()
     base.text_encoder.eval()
     model = None  # the training model's encoder and offsets are freed before generation
-    generator_model = E4TModel(base, CLASS_WORD, encoder_config, offsets, placement, fixed_offsets=concept)
+    generator_model = E4TModel(base, CLASS_WORD, encoder_config, offsets, placement, concept_tensors=concept)
 
     def generate(count, steps):
         settings = SamplingSettings(
             prompt="a photo of S*", num_images=count, steps=steps, height=resolution, width=resolution
         )
-        generate_images(generator_model, features[0], settings)
+        generate_images(generator_model, settings)
 
     generate(1, 2)  # warm-up
     for batch in cfg.batches:

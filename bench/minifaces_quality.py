@@ -65,6 +65,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--e4t-lambda-emb", type=float, help="E4T's tuning weight of ||offset||^2 (default: the domain's)"
     )
+    parser.add_argument(
+        "--concept-precision", default="fp16", help="how E4T's concept file stores its tensors (fp16, fp32, int8)"
+    )
+    parser.add_argument(
+        "--encoder-every", type=int, default=1, help="E4T's encoder runs at every K-th denoising step (default 1)"
+    )
     parser.add_argument("--weights", type=Path, help="a weights folder (default: the installed minifaces package's)")
     parser.add_argument("--grid", type=Path, help="save reference + E4T-5 images of each identity here")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
@@ -83,6 +89,8 @@ def main(argv=None) -> int:
         sampling_steps=args.sampling_steps,
         e4t_learning_rate=args.e4t_lr,
         e4t_lambda_emb=args.e4t_lambda_emb,
+        concept_precision=args.concept_precision,
+        encoder_every=args.encoder_every,
     )
     methods = [m for m in args.methods.split(",") if m]
     grid_rows: dict = {}

@@ -168,7 +168,10 @@ class TuneOptions:
     lambda_emb: Optional[float] = lambda_emb_option()
     lambda_weights: Optional[float] = lambda_weights_option()
     save_precision: str = option(
-        "fp16", "How the concept file stores its tensors: fp16 (half the size) or fp32.", choices=SAVE_PRECISIONS
+        "fp16",
+        "How the concept file stores its tensors: fp16 (half of fp32's size), fp32, or int8 (the encoder's"
+        " matrices in 8 bits, about half of fp16's size).",
+        choices=SAVE_PRECISIONS,
     )
     force: bool = option(False, "Replace an existing --out file.")
 
@@ -195,6 +198,12 @@ class GenerateOptions:
     batch_size: Optional[int] = option(
         None,
         "Images denoised at once (default: 4 on a CPU, 8 of 512x512 on a GPU); the pixels do not depend on it.",
+        minimum=1,
+    )
+    encoder_every: int = option(
+        1,
+        "Run the encoder every K denoising steps and reuse S* between them (1: every step, as E4T does;"
+        " larger is faster).",
         minimum=1,
     )
     force: bool = option(False, "Replace images of the same names in --out (without it: NAME-runK.png).")

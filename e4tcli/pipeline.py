@@ -3,7 +3,8 @@
 The pipeline does what it always does (classifier-free guidance, the base
 model's scheduler, VAE decoding); e4t only supplies the prompt embeddings,
 and, through ``callback_on_step_end``, recomputes ``S*`` for every denoising
-step from the current latent, as E4T's encoder is conditioned on ``z_t``.
+step (or every K-th: ``encoder_every``) from the current latent, as E4T's
+encoder is conditioned on ``z_t``.
 """
 
 import math
@@ -27,6 +28,9 @@ class SamplingSettings:
     guidance: float = 7.5
     height: int = 512
     width: int = 512
+    encoder_every: int = 1
+    """Run the encoder at every K-th denoising step and reuse ``S*`` (and its text states) in between;
+    1 is E4T as published. The encoder's pass costs about a third of a guided UNet step."""
 
 
 def sampling_scheduler(scheduler_config: dict):
@@ -75,7 +79,6 @@ class Stopped(Exception):
 @torch.no_grad()
 def generate_images(
     model: E4TModel,
-    image_features: torch.Tensor,
     settings: SamplingSettings,
     pipe=None,
     on_step: Optional[Callable[[], None]] = None,
@@ -95,24 +98,28 @@ def generate_images(
     class_ids = model.tokenize([settings.prompt.replace(PLACEHOLDER, model.class_word)] * count)
     class_states = model.encode_text(class_ids)
     negative_states = model.encode_text(model.tokenize([settings.negative_prompt] * count))
-    features = image_features.to(device).float().expand(count, -1, -1)
 
-    def conditional_states(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    reused: list[torch.Tensor] = []
+
+    def conditional_states(latents: torch.Tensor, timestep: torch.Tensor, index: int) -> torch.Tensor:
+        if reused and (fixed_concept is not None or index % settings.encoder_every):
+            return reused[0]
         if fixed_concept is not None:
             concept = fixed_concept.to(device).float().reshape(1, -1).expand(count, -1)
         else:
             timesteps = timestep.reshape(1).expand(count).to(device)
-            concept, _ = model.concept_embedding(features, latents.to(model.unet.dtype), timesteps, class_states)
+            concept, _ = model.concept_embedding(None, latents.to(model.unet.dtype), timesteps, class_states)
         if on_concept is not None:
             on_concept(concept)
-        return model.encode_text(prompt_ids, concept=concept)
+        reused[:] = [model.encode_text(prompt_ids, concept=concept)]
+        return reused[0]
 
     latents = initial_latents(model, settings)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(settings.steps, device=device)
     timesteps = scheduler.timesteps.clone()
     first = conditional_states(
-        scheduler.scale_model_input(latents * scheduler.init_noise_sigma, timesteps[0]), timesteps[0]
+        scheduler.scale_model_input(latents * scheduler.init_noise_sigma, timesteps[0]), timesteps[0], 0
     )
 
     def on_step_end(pipeline, index, _timestep, tensors):
@@ -121,7 +128,9 @@ def generate_images(
         if index + 1 >= len(timesteps):
             return {}
         upcoming = timesteps[index + 1]
-        states = conditional_states(pipeline.scheduler.scale_model_input(tensors["latents"], upcoming), upcoming)
+        states = conditional_states(
+            pipeline.scheduler.scale_model_input(tensors["latents"], upcoming), upcoming, index + 1
+        )
         return {"prompt_embeds": torch.cat([negative_states, states]) if guided else states}
 
     generators = [torch.Generator(device=device).manual_seed(settings.seed + 10_000 + i) for i in range(count)]

@@ -352,7 +352,7 @@ def test_encoder_runs_at_every_denoising_step_on_the_current_latent(world, monke
         return result
 
     monkeypatch.setattr(E4TModel, "concept_embedding", spy)
-    generate_images(model, concept.image_features, SamplingSettings(prompt="S* in a box", steps=4, height=64, width=64))
+    generate_images(model, SamplingSettings(prompt="S* in a box", steps=4, height=64, width=64))
     from e4tcli.pipeline import build_pipeline
 
     scheduler = build_pipeline(model).scheduler
@@ -646,3 +646,32 @@ def test_a_file_size_limit_stops_tune_with_one_line(world, photo_folder, tmp_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"e4t: error: could not write {out}: file too large"), result.stderr
     assert out.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["mine.safetensors"]
+
+
+def test_encoder_every_k_steps_reuses_s_star_between_and_is_reported(world, tmp_path, monkeypatch):
+    from e4tcli.models.e4t import E4TModel
+
+    calls = []
+    original = E4TModel.concept_embedding
+
+    def spy(self, image_features, noisy, timesteps, class_states):
+        calls.append(int(timesteps[0]))
+        return original(self, image_features, noisy, timesteps, class_states)
+
+    monkeypatch.setattr(E4TModel, "concept_embedding", spy)
+    pixels, seen = {}, {}
+    for every in (1, 3):
+        calls.clear()
+        out = tmp_path / f"every-{every}"
+        result = runner.invoke(
+            app,
+            ["generate", str(world["concept"]), "S* in a box", "--steps", "7", "--encoder-every", str(every)]
+            + ["--out", str(out), "--height", "64", "--width", "64"],
+        )
+        assert result.exit_code == 0, result.output
+        seen[every] = list(calls)
+        (image,) = out.glob("*.png")
+        assert Image.open(image).text["encoder_every"] == str(every)
+        pixels[every] = np.asarray(Image.open(image), dtype=np.float32)
+    assert len(seen[1]) >= 7 and seen[3] == seen[1][::3], "the encoder runs at steps 0, 3, 6, ..."
+    assert np.abs(pixels[1] - pixels[3]).max() > 0, "reusing S* changes the image a little"

@@ -127,7 +127,6 @@ def draw_e4t(concept, tiny_sd, prompt, fixed, steps=4):
     model, loaded = load_concept_model(str(concept), str(tiny_sd), choose_placement("cpu"))
     image = generate_images(
         model,
-        loaded.image_features,
         SamplingSettings(prompt=prompt, steps=steps, height=64, width=64),
         fixed_concept=fixed,
     )[0]

@@ -11,7 +11,7 @@ from e4tcli.models.weight_offsets import OffsetConfig, OffsetConv2d, OffsetLinea
 from e4tcli.training.step import Batch, training_step
 
 
-def build(tiny_sd, kind="paper", layers="attention", fixed_offsets=None):
+def build(tiny_sd, kind="paper", layers="attention", concept_tensors=None):
     base = load_base_model(str(tiny_sd))
     config = EncoderConfig(
         backbone_hidden_size=32,
@@ -21,7 +21,7 @@ def build(tiny_sd, kind="paper", layers="attention", fixed_offsets=None):
         hidden_dim=48,
     )
     offsets = OffsetConfig(kind=kind, rank=2, layers=layers)
-    return E4TModel(base, "cat", config, offsets, choose_placement("cpu"), fixed_offsets=fixed_offsets)
+    return E4TModel(base, "cat", config, offsets, choose_placement("cpu"), concept_tensors=concept_tensors)
 
 
 def unet_inputs(seed=0, batch=2):
@@ -103,8 +103,9 @@ def test_resnet_offsets_modulate_each_convolution_channel_pair_and_survive_a_con
     assert torch.allclose(layer(x), reflected, atol=1e-5)
     conv.padding_mode = "zeros"
 
-    generation = build(tiny_sd, layers="attention+resnets", fixed_offsets=model.concept_state_dict())
-    assert f"offsets.{name}.column" in model.concept_state_dict()
+    concept = model.concept_state_dict(torch.randn(1, 2, 32))
+    generation = build(tiny_sd, layers="attention+resnets", concept_tensors=concept)
+    assert f"offsets.{name}.column" in concept
     with torch.no_grad():
         assert torch.equal(generation.unet(latents, t, encoder_hidden_states=states).sample, tuned)
 
@@ -162,3 +163,61 @@ def test_gradients_reach_only_encoder_and_offsets(tiny_sd):
         for p in module.parameters():
             if id(p) not in trainable:
                 assert p.grad is None and not p.requires_grad
+
+
+def live_encoder(model, seed=0):
+    """Give every encoder weight random values, so that a fold that dropped or swapped a part would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.encoder.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.2)
+
+
+def test_a_concept_encoder_folded_on_its_reference_computes_what_the_domain_encoder_does(tiny_sd):
+    from e4tcli.models.encoder import ConceptEncoder
+
+    model = build(tiny_sd)
+    live_encoder(model)
+    reference, other = torch.randn(2, 1, 2, 32, generator=torch.Generator().manual_seed(1))
+    features = torch.randn(3, sum(model.encoder_config.unet_channels))
+    folded = ConceptEncoder.fold(model.encoder, reference)
+    with torch.no_grad():
+        whole = model.encoder(reference.expand(3, -1, -1), features)
+        assert whole.abs().max() > 0.1
+        assert torch.allclose(folded(features), whole, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(folded(features), model.encoder(other.expand(3, -1, -1), features), atol=1e-3)
+    assert sum(p.numel() for p in folded.state_dict().values()) < sum(p.numel() for p in model.encoder.parameters())
+
+
+def test_a_version_1_concept_with_the_whole_encoder_still_generates_the_same(tiny_sd, tmp_path):
+    """Concept files written before the fold held the whole encoder and the reference's features."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from e4tcli.io.concept import load_concept, save_concept
+
+    model = build(tiny_sd)
+    live_encoder(model)
+    reference = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(2))
+    old = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+    old |= {k: v for k, v in model.concept_state_dict(reference).items() if k.startswith("offsets.")}
+    old["image_features"] = reference[0]
+    info = {"class_word": "cat"}
+    save_file(
+        old,
+        str(tmp_path / "v1.safetensors"),
+        metadata={"format": "e4t-concept", "version": "1", "e4t": json.dumps(info)},
+    )
+    save_concept(tmp_path / "v2.safetensors", model.concept_state_dict(reference), info, precision="fp32")
+    latents, t, states = unet_inputs(batch=1)
+    t = t[:1]
+    embeddings = []
+    for name in ("v1", "v2"):
+        generation = build(tiny_sd, concept_tensors=load_concept(tmp_path / f"{name}.safetensors").tensors)
+        with torch.no_grad():
+            embeddings.append(generation.concept_embedding(None, latents, t, states)[0])
+    with torch.no_grad():
+        direct = model.concept_embedding(reference, latents, t, states)[0]
+    assert not torch.allclose(direct, model.class_embedding().expand(1, -1), atol=1e-3)
+    assert torch.allclose(embeddings[0], direct, atol=1e-5) and torch.allclose(embeddings[1], direct, atol=1e-5)

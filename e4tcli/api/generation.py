@@ -59,7 +59,7 @@ def load_concept_model(concept_path: str, base_model: Optional[str], placement):
     check_same("base model", info["base_model"], base.source, base.fingerprint, "--base-model")
     encoder_config = EncoderConfig.from_dict(info["encoder"])
     model = E4TModel(
-        base, info["class_word"], encoder_config, OffsetConfig(**info["offsets"]), placement, concept.model_tensors()
+        base, info["class_word"], encoder_config, OffsetConfig(**info["offsets"]), placement, concept.tensors
     )
     return model, concept
 
@@ -88,6 +88,7 @@ def generate(options: GenerateOptions, progress: Optional[GenerationProgress] = 
         guidance=options.guidance,
         height=options.height or resolution,
         width=options.width or resolution,
+        encoder_every=options.encoder_every,
     )
     if settings.height % 8 or settings.width % 8:
         raise UsageError(f"--height and --width must be multiples of 8 (got {settings.height}x{settings.width})")
@@ -115,7 +116,7 @@ def generate(options: GenerateOptions, progress: Optional[GenerationProgress] = 
         try:
             for first in batches:
                 batch = replace(settings, seed=settings.seed + first, num_images=min(batch_size, count - first))
-                images = generate_images(model, concept.image_features, batch, pipe, on_step=on_step)
+                images = generate_images(model, batch, pipe, on_step=on_step)
                 for i, image in enumerate(images):
                     path = out / names[first + i]
                     metadata = png_metadata(settings, concept, base_source, seed=batch.seed + i)
@@ -152,6 +153,7 @@ def png_metadata(settings, concept, base_source: str, seed: int) -> dict[str, st
         "seed": str(seed),
         "steps": str(settings.steps),
         "guidance": f"{settings.guidance:g}",
+        "encoder_every": str(settings.encoder_every),
         "size": f"{settings.width}x{settings.height}",
         "concept": concept.path.name,
         "concept_domain": concept.info["domain"],

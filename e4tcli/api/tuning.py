@@ -136,6 +136,5 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "e4t_version": __version__,
     }
-    tensors = {**model.concept_state_dict(), "image_features": features[0].cpu()}
-    size = save_concept(out, tensors, info, options.save_precision)
+    size = save_concept(out, model.concept_state_dict(features[:1]), info, options.save_precision)
     return TuneResult(out, size, settings.steps, time.perf_counter() - start, options.seed, losses)

@@ -115,7 +115,7 @@ def export(options: ExportOptions) -> ExportResult:
     for name in names.values():
         check_new_file(out / name, options.force)
 
-    embedding = fixed_embedding(model, concept.image_features, info["tuning"]["resolution"], options.embedding)
+    embedding = fixed_embedding(model, info["tuning"]["resolution"], options.embedding)
     factored = factor_offsets(model, options.rank)
     kept = energy_kept(factored)
     rank = max(layer.rank for layer in factored.values())

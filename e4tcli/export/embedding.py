@@ -26,7 +26,7 @@ class EmbeddingSettings:
 STEP_CHOICES = ("all", "early", "late")
 
 
-def fixed_embedding(model, image_features, resolution: int, settings: EmbeddingSettings):
+def fixed_embedding(model, resolution: int, settings: EmbeddingSettings):
     """The mean of the encoder's ``S*`` over ``settings.images`` trajectories and their steps (dim,)."""
     import torch
 
@@ -44,9 +44,7 @@ def fixed_embedding(model, image_features, resolution: int, settings: EmbeddingS
         height=resolution,
         width=resolution,
     )
-    generate_images(
-        model, image_features, sampling, on_concept=lambda concept: seen.append(concept.detach().float().cpu())
-    )
+    generate_images(model, sampling, on_concept=lambda concept: seen.append(concept.detach().float().cpu()))
     half = len(seen) // 2
     chosen = {"all": seen, "early": seen[: max(1, half)], "late": seen[half:]}[settings.steps_averaged]
     return torch.cat(chosen).mean(dim=0)

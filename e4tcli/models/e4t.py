@@ -8,7 +8,7 @@ import torch
 from e4tcli.device import Placement
 from e4tcli.domain import PLACEHOLDER
 from e4tcli.errors import UsageError
-from e4tcli.models.encoder import E4TEncoder, EncoderConfig
+from e4tcli.models.encoder import ConceptEncoder, E4TEncoder, EncoderConfig
 from e4tcli.models.loading import BaseModel
 from e4tcli.models.placeholder import PlaceholderEmbedding
 from e4tcli.models.weight_offsets import (
@@ -37,6 +37,19 @@ def _factors_by_layer(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch
     return {name: (columns[name].float(), rows[name].float()) for name in columns if name in rows}
 
 
+def concept_encoder(config: EncoderConfig, tensors: dict[str, torch.Tensor]) -> ConceptEncoder:
+    """The encoder of a concept file: stored folded (format version 2), or stored whole with the
+    reference's ``image_features`` (version 1) and folded here."""
+    state = {k.removeprefix("encoder."): v.float() for k, v in tensors.items() if k.startswith("encoder.")}
+    if "reference" in state:
+        folded = ConceptEncoder(config)
+        folded.load_state_dict(state)
+        return folded
+    whole = E4TEncoder(config)
+    whole.load_state_dict(state)
+    return ConceptEncoder.fold(whole, tensors["image_features"])
+
+
 class E4TModel:
     """Everything one training step or one sampling step needs.
 
@@ -51,9 +64,10 @@ class E4TModel:
         encoder_config: EncoderConfig,
         offset_config: OffsetConfig,
         placement: Placement,
-        fixed_offsets: Optional[dict[str, torch.Tensor]] = None,
+        concept_tensors: Optional[dict[str, torch.Tensor]] = None,
     ):
-        """``fixed_offsets``: the tensors of a concept file (generation); otherwise offsets are trainable."""
+        """``concept_tensors``: a concept file's tensors (generation: the concept's encoder, offsets fixed);
+        otherwise a fresh encoder and trainable offsets."""
         self.base = base
         self.placement = placement
         self.tokenizer = base.tokenizer
@@ -63,13 +77,13 @@ class E4TModel:
         self.class_word = class_word
         self.encoder_config = encoder_config
         self.offset_config = offset_config
-        self.encoder = E4TEncoder(encoder_config).to(placement.device)
+        self.encoder: E4TEncoder | ConceptEncoder
         factors = None
-        if fixed_offsets is not None:
-            factors = _factors_by_layer(fixed_offsets)
-            self.encoder.load_state_dict(
-                {k.removeprefix("encoder."): v for k, v in fixed_offsets.items() if k.startswith("encoder.")}
-            )
+        if concept_tensors is None:
+            self.encoder = E4TEncoder(encoder_config).to(placement.device)
+        else:
+            factors = _factors_by_layer(concept_tensors)
+            self.encoder = concept_encoder(encoder_config, concept_tensors).to(placement.device)
         try:
             self.offsets = add_weight_offsets(self.unet, offset_config, factors)
         except KeyError as missing:
@@ -141,11 +155,23 @@ class E4TModel:
         return torch.cat(features, dim=-1)
 
     def concept_embedding(
-        self, image_features: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, class_states: torch.Tensor
+        self,
+        image_features: Optional[torch.Tensor],
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_states: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(S*, offset)`` for each batch element; ``S* = emb(class word) + s * offset``."""
+        """``(S*, offset)`` for each batch element; ``S* = emb(class word) + s * offset``.
+
+        ``image_features``: the references' backbone features; None for a concept's encoder, which holds
+        its reference."""
         features = self.unet_features(noisy, timesteps, class_states)
-        offset = self.encoder(image_features.float(), features).float()
+        if isinstance(self.encoder, ConceptEncoder):
+            offset = self.encoder(features).float()
+        elif image_features is None:
+            raise ValueError("the domain encoder needs the references' image features")
+        else:
+            offset = self.encoder(image_features.float(), features).float()
         return self.class_embedding() + self.encoder_config.scale * offset, offset
 
     # --- parameters -------------------------------------------------------
@@ -176,9 +202,15 @@ class E4TModel:
             prefix = f"offsets.{name}."
             layer.offset.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
 
-    def concept_state_dict(self) -> dict[str, torch.Tensor]:
-        """What generation needs: the encoder and each offset's two factors (no d x d maps)."""
-        state = {f"encoder.{k}": v.detach().float().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+    def concept_state_dict(self, image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """What generation needs: the encoder folded on the reference (``image_features``, needed unless the
+        encoder is a concept's already) and each offset's two factors (no d x d maps)."""
+        encoder = self.encoder
+        if isinstance(encoder, E4TEncoder):
+            if image_features is None:
+                raise ValueError("a concept's encoder is folded on its reference: pass its image features")
+            encoder = ConceptEncoder.fold(encoder, image_features)
+        state = {f"encoder.{k}": v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
         with torch.no_grad():
             for name, layer in self.offsets.items():
                 column, row = layer.offset.factors()

@@ -62,9 +62,59 @@ class E4TEncoder(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def forward(self, image_features: torch.Tensor, unet_features: torch.Tensor) -> torch.Tensor:
-        """``image_features`` (B, layers, backbone width), ``unet_features`` (B, sum of channels) -> (B, embedding_dim)."""
+    def reference_code(self, image_features: torch.Tensor) -> torch.Tensor:
+        """The part of the head's first layer that depends on the reference alone: (B, hidden_dim).
+
+        A concept stores this vector instead of the image branch (see ``ConceptEncoder``)."""
         per_layer = [layer(image_features[:, i]) for i, layer in enumerate(self.image_layers)]
         image = self.activation(torch.stack(per_layer).mean(0))
+        first = self.head[0]
+        return nn.functional.linear(image, first.weight[:, : self.config.hidden_dim], first.bias)
+
+    def from_reference_code(self, code: torch.Tensor, unet_features: torch.Tensor) -> torch.Tensor:
         denoiser = self.activation(self.unet_layer(unet_features))
-        return self.head(torch.cat([image, denoiser], dim=-1))
+        hidden = code + nn.functional.linear(denoiser, self.head[0].weight[:, self.config.hidden_dim :])
+        return self.head[2](self.activation(hidden))
+
+    def forward(self, image_features: torch.Tensor, unet_features: torch.Tensor) -> torch.Tensor:
+        """``image_features`` (B, layers, backbone width), ``unet_features`` (B, sum of channels) -> (B, embedding_dim)."""
+        return self.from_reference_code(self.reference_code(image_features), unet_features)
+
+
+class ConceptEncoder(nn.Module):
+    """The tuned encoder of one concept, with its reference folded in.
+
+    The image branch and the image half of the head's first layer see only the
+    reference, which is fixed once tuned; they collapse into one vector
+    (``reference``), so a concept needs neither the image-branch weights (three
+    quarters of the encoder at SD 1.5 + ViT-H/14 shapes) nor the backbone
+    features. What stays reads the noisy latent at every step. The result
+    equals ``E4TEncoder`` on that reference up to float rounding.
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_dim
+        self.unet_layer = nn.Linear(sum(config.unet_channels), hidden)
+        self.activation = nn.LeakyReLU(config.negative_slope)
+        self.register_buffer("reference", torch.zeros(hidden))
+        self.denoiser = nn.Linear(hidden, hidden, bias=False)
+        self.out = nn.Linear(hidden, config.embedding_dim)
+
+    @classmethod
+    @torch.no_grad()
+    def fold(cls, encoder: E4TEncoder, image_features: torch.Tensor) -> "ConceptEncoder":
+        """``encoder`` on one reference (``image_features``: (layers, backbone width) or (1, layers, width))."""
+        folded = cls(encoder.config).to(encoder.head[0].weight.device)
+        features = image_features.reshape(1, *image_features.shape[-2:]).to(folded.reference.device).float()
+        folded.reference.copy_(encoder.reference_code(features)[0])
+        folded.unet_layer.load_state_dict(encoder.unet_layer.state_dict())
+        folded.denoiser.weight.copy_(encoder.head[0].weight[:, encoder.config.hidden_dim :])
+        folded.out.load_state_dict(encoder.head[2].state_dict())
+        return folded
+
+    def forward(self, unet_features: torch.Tensor) -> torch.Tensor:
+        """``unet_features`` (B, sum of channels) -> (B, embedding_dim)."""
+        denoiser = self.activation(self.unet_layer(unet_features))
+        return self.out(self.activation(self.reference + self.denoiser(denoiser)))

@@ -67,6 +67,10 @@ class EvalSettings:
     """E4T's tuning learning rate (default: the domain's)."""
     e4t_lambda_emb: Optional[float] = None
     """E4T's tuning weight of ``||offset||^2`` (default: the domain's)."""
+    concept_precision: str = "fp16"
+    """How E4T's concept file stores its tensors (``e4t tune --save-precision``)."""
+    encoder_every: int = 1
+    """E4T's encoder runs at every K-th denoising step (``e4t generate --encoder-every``)."""
 
 
 @dataclass
@@ -207,7 +211,7 @@ def sample_plain(pipe, prompts: list[str], settings: EvalSettings, latent_shape)
     ).images
 
 
-def sample_e4t(model, features, settings: EvalSettings) -> list:
+def sample_e4t(model, settings: EvalSettings) -> list:
     from e4tcli.pipeline import SamplingSettings, generate_images
 
     images = []
@@ -220,8 +224,9 @@ def sample_e4t(model, features, settings: EvalSettings) -> list:
             guidance=settings.guidance,
             height=world.RESOLUTION,
             width=world.RESOLUTION,
+            encoder_every=settings.encoder_every,
         )
-        images += generate_images(model, features, sampling)
+        images += generate_images(model, sampling)
     return images
 
 
@@ -238,7 +243,7 @@ def run_e4t_encoder_tuned(w: World, identity, settings: EvalSettings, steps: int
 
 def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True):
     concept, seconds, size = tuned_concept(w, identity, settings, steps, tune_offsets)
-    images = sample_e4t(w.concept_model(concept.model_tensors()), concept.image_features, settings)
+    images = sample_e4t(w.concept_model(concept.tensors), settings)
     return images, seconds, size
 
 
@@ -286,7 +291,7 @@ def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_o
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:  # generate from the concept file, as 'e4t generate' does
         path = Path(tmp) / "c.safetensors"
-        size = save_concept(path, {**model.concept_state_dict(), "image_features": features[0]}, {})
+        size = save_concept(path, model.concept_state_dict(features[:1]), {}, settings.concept_precision)
         concept = load_concept(path)
     return concept, seconds, size
 
@@ -303,13 +308,11 @@ def run_exported(
     from e4tcli.io.concept import stored_tensors
 
     concept, seconds, _ = tuned_concept(w, identity, settings, steps)
-    model = w.concept_model(concept.model_tensors())
+    model = w.concept_model(concept.tensors)
     token = "<mini-export>"
     with tempfile.TemporaryDirectory() as tmp:
         embedding_file, lora_file = Path(tmp) / "learned_embeds.safetensors", Path(tmp) / "lora.safetensors"
-        embedding = fixed_embedding(
-            model, concept.image_features, world.RESOLUTION, EmbeddingSettings(steps_averaged=steps_averaged)
-        )
+        embedding = fixed_embedding(model, world.RESOLUTION, EmbeddingSettings(steps_averaged=steps_averaged))
         save_file({token: embedding.reshape(1, -1).contiguous()}, str(embedding_file))
         pipe = plain_pipeline(w.load_base())
         pipe.load_textual_inversion(str(embedding_file), token=token)
