@@ -108,6 +108,8 @@ def setup_e4t(base, placement, cfg: Config, kind: str) -> Runner:
         prompt_ids=model.tokenize(prompts),
         class_prompt_ids=model.tokenize([p.replace("S*", CLASS_WORD) for p in prompts]),
     )
+    with torch.no_grad():  # as tune_concept does: each template's class prompt is encoded once
+        batch.class_states = model.encode_text(batch.class_prompt_ids)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def step():

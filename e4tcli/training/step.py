@@ -23,6 +23,9 @@ class Batch:
     """Token ids of prompts containing S*: (B, 77)."""
     class_prompt_ids: torch.Tensor
     """The same prompts with the class word in place of S* (input of the encoder's UNet pass)."""
+    class_states: Optional[torch.Tensor] = None
+    """The text encoder's output for ``class_prompt_ids``, when the caller has it (tuning draws its prompts
+    from a few templates and encodes each once); computed here otherwise."""
     loss_mask: Optional[torch.Tensor] = None
     """Optional (B, 1, h, w) weights of the noise-prediction loss, e.g. the face region."""
     noise: Optional[torch.Tensor] = None
@@ -73,8 +76,10 @@ def training_step(
     unet_dtype = model.unet.dtype
 
     with model.placement.autocast:
-        with torch.no_grad():
-            class_states = model.encode_text(batch.class_prompt_ids)
+        class_states = batch.class_states
+        if class_states is None:
+            with torch.no_grad():
+                class_states = model.encode_text(batch.class_prompt_ids)
         concept, offset = model.concept_embedding(batch.image_features, noisy.to(unet_dtype), timesteps, class_states)
         text_states = model.encode_text(batch.prompt_ids, concept=concept)
         prediction = model.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=text_states).sample

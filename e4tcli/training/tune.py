@@ -72,6 +72,9 @@ def tune_concept(
         mask_views = [mask_view] + ([mask_view.transpose(0)] if settings.flip else [])
         masks = torch.cat([mask_to_latent(m, mean.shape[-1]) for m in mask_views]).to(device)
     features = image_features.to(device).float()
+    class_prompts = [template.replace(PLACEHOLDER, model.class_word) for template in prompt_templates]
+    with torch.no_grad(), model.placement.autocast:
+        class_states = dict(zip(prompt_templates, model.encode_text(model.tokenize(class_prompts))))
 
     optimizer = optimizer_for(model, settings.learning_rate, settings.weight_decay)
     # fp16 activations need loss scaling so small gradients do not underflow (bf16 and fp32 do not).
@@ -86,6 +89,7 @@ def tune_concept(
             image_features=features.expand(settings.batch_size, -1, -1),
             prompt_ids=model.tokenize(prompts),
             class_prompt_ids=model.tokenize([p.replace(PLACEHOLDER, model.class_word) for p in prompts]),
+            class_states=torch.stack([class_states[p] for p in prompts]),
             loss_mask=None if masks is None else masks[choice],
         )
         optimizer.zero_grad(set_to_none=True)
