@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         "--e4t-lambda-emb", type=float, help="E4T's tuning weight of ||offset||^2 (default: the domain's)"
     )
     parser.add_argument(
-        "--concept-precision", default="fp16", help="how E4T's concept file stores its tensors (fp16, fp32, int8)"
+        "--concept-precision", default="int8", help="how E4T's concept file stores its tensors (int8, fp16, fp32)"
     )
     parser.add_argument(
         "--encoder-every", type=int, default=1, help="E4T's encoder runs at every K-th denoising step (default 1)"

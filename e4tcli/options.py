@@ -168,9 +168,9 @@ class TuneOptions:
     lambda_emb: Optional[float] = lambda_emb_option()
     lambda_weights: Optional[float] = lambda_weights_option()
     save_precision: str = option(
-        "fp16",
-        "How the concept file stores its tensors: fp16 (half of fp32's size), fp32, or int8 (the encoder's"
-        " matrices in 8 bits, about half of fp16's size).",
+        "int8",
+        "How the concept file stores its tensors: int8 (the encoder's matrices in 8 bits with a scale per row,"
+        " the rest fp16), fp16, or fp32.",
         choices=SAVE_PRECISIONS,
     )
     force: bool = option(False, "Replace an existing --out file.")

@@ -84,13 +84,16 @@ def generate_images(
     on_step: Optional[Callable[[], None]] = None,
     fixed_concept: Optional[torch.Tensor] = None,
     on_concept: Optional[Callable[[torch.Tensor], None]] = None,
+    image_features: Optional[torch.Tensor] = None,
 ) -> list:
     """``settings.num_images`` images denoised together; image i uses seed ``settings.seed + i`` (its
     noise and its sampler's randomness), so a run split into batches gives the same images.
     ``on_step`` is called after every denoising step (it may raise ``Stopped``).
 
     ``S*`` is the encoder's output for the current latent at every step, or ``fixed_concept`` (one
-    embedding, as an exported concept has); ``on_concept`` sees each step's ``S*`` (images x dim)."""
+    embedding, as an exported concept has); ``on_concept`` sees each step's ``S*`` (images x dim).
+    ``image_features``: the reference's backbone features (layers x width), needed only when ``model`` has
+    the domain's encoder (pre-training's validation grid); a concept's encoder holds its reference."""
     pipe = pipe or build_pipeline(model)
     device, count = model.placement.device, settings.num_images
     guided = settings.guidance > 1.0
@@ -98,6 +101,7 @@ def generate_images(
     class_ids = model.tokenize([settings.prompt.replace(PLACEHOLDER, model.class_word)] * count)
     class_states = model.encode_text(class_ids)
     negative_states = model.encode_text(model.tokenize([settings.negative_prompt] * count))
+    features = None if image_features is None else image_features.to(device).float().expand(count, -1, -1)
 
     reused: list[torch.Tensor] = []
 
@@ -108,7 +112,7 @@ def generate_images(
             concept = fixed_concept.to(device).float().reshape(1, -1).expand(count, -1)
         else:
             timesteps = timestep.reshape(1).expand(count).to(device)
-            concept, _ = model.concept_embedding(None, latents.to(model.unet.dtype), timesteps, class_states)
+            concept, _ = model.concept_embedding(features, latents.to(model.unet.dtype), timesteps, class_states)
         if on_concept is not None:
             on_concept(concept)
         reused[:] = [model.encode_text(prompt_ids, concept=concept)]

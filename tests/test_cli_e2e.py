@@ -464,11 +464,11 @@ def test_unknown_save_precision_is_refused_before_anything_is_written(world, pho
             "--out",
             str(out),
             "--save-precision",
-            "int8",
+            "int4",
         ],
     )
     assert result.exit_code == 2
-    assert "--save-precision" in result.output and "fp16 or fp32" in result.output
+    assert "--save-precision" in result.output and "int4" in result.output and "fp16" in result.output
     assert not out.exists()
 
 

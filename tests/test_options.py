@@ -99,7 +99,8 @@ def test_each_flag_reaches_its_option(name, monkeypatch):
     [
         lambda: PretrainOptions(data="d", out="o", offsets="dense"),
         lambda: PretrainOptions(data="d", out="o", ema_decay=1.5),
-        lambda: TuneOptions(image="i", save_precision="int8"),
+        lambda: TuneOptions(image="i", save_precision="int4"),
+        lambda: GenerateOptions(concept="c", prompt="p", encoder_every=0),
         lambda: GenerateOptions(concept="c", prompt="p", num_images=0),
     ],
 )

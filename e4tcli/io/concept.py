@@ -10,12 +10,13 @@ holds the recipe: domain, class word, token, base model and domain
 checkpoint (source and fingerprint), encoder and offset configurations,
 tuning settings. Only safetensors is read: nothing is ever unpickled.
 
-Tensors are stored in fp16 by default (``e4t tune --save-precision``), half
-the size of fp32; generation computes in fp32 (or the chosen precision) from
-the rounded values. A tensor that fp16 cannot hold (a value over 65504) is
-kept in fp32. ``int8`` stores the encoder's weight matrices (nine tenths of a
-concept at SD 1.5 shapes) as 8-bit integers with one fp16 scale per row
-(``<name>.int8_scale``), the rest in fp16; reading the file gives floats back.
+``e4t tune --save-precision``: ``int8`` (the default) stores the encoder's
+weight matrices (nine tenths of a concept at SD 1.5 shapes) as 8-bit integers
+with one fp16 scale per row (``<name>.int8_scale``) and every other tensor in
+fp16; ``fp16`` and ``fp32`` store every tensor so. Reading the file gives
+floats back; generation computes in fp32 (or the chosen precision) from the
+rounded values. A tensor that fp16 cannot hold (a value over 65504) is kept in
+fp32.
 """
 
 import json

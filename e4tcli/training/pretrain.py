@@ -241,7 +241,7 @@ def save_validation_grid(model, backbone, dataset, indices, settings, templates,
             height=settings.resolution,
             width=settings.resolution,
         )
-        images += [image] + generate_images(model, features[0], sampling)
+        images += [image] + generate_images(model, sampling, image_features=features[0])
     with atomic_file(path) as tmp:
         image_grid(images).save(tmp, format="PNG")
 

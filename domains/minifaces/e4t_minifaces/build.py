@@ -50,7 +50,7 @@ class BuildSettings:
     base_steps: int = 2500
     base_batch: int = 32
     base_lr: float = 1e-3
-    base_refine_steps: int = 1000
+    base_refine_steps: int = 3000
     """A second round from the first round's saved model, fresh optimizer (0: none)."""
     base_refine_lr: float = 5e-4
     refine_full_descriptions: bool = True

@@ -67,7 +67,7 @@ class EvalSettings:
     """E4T's tuning learning rate (default: the domain's)."""
     e4t_lambda_emb: Optional[float] = None
     """E4T's tuning weight of ``||offset||^2`` (default: the domain's)."""
-    concept_precision: str = "fp16"
+    concept_precision: str = "int8"
     """How E4T's concept file stores its tensors (``e4t tune --save-precision``)."""
     encoder_every: int = 1
     """E4T's encoder runs at every K-th denoising step (``e4t generate --encoder-every``)."""
