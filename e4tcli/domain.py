@@ -1,10 +1,14 @@
 """What a domain is: the record a plugin registers. Torch-free by design."""
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
 PLACEHOLDER = "S*"
 """The pseudo-word that stands for the personalized concept in prompts."""
+
+FALLBACK_STEPS = 100
+"""Tuning steps without a domain checkpoint (both encoder head and offsets start at zero).
+Measured on minifaces: docs/minifaces.md, "Without a domain checkpoint"."""
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,24 @@ class Domain:
     name it with ``{fields}``, so the encoder's word need not carry it. Images without
     the fields fall back to the first of ``prompt_templates`` without fields."""
     checkpoint: Optional[str] = None
-    """Where the pre-trained domain checkpoint lives (hub id or folder), if published."""
+    """Where the pre-trained domain checkpoint lives: a folder shipped with the plugin, or a hub id
+    (``"owner/name"``) published with ``e4t domains push``. None: ``tune`` starts from the base model."""
+    checkpoint_revision: Optional[str] = None
+    """For a hub id: the commit (40 hex digits) to download, so that a later push cannot change a domain."""
+    checkpoint_fingerprint: Optional[str] = None
+    """For a hub id: the checkpoint's content fingerprint (``fingerprint`` in its ``config.json``);
+    ``e4t domains pull`` refuses a download that does not match."""
+    fallback: Optional[PhaseDefaults] = None
+    """Tuning defaults when there is no domain checkpoint (encoder head and offsets start at zero);
+    default: ``tune`` with ``FALLBACK_STEPS`` steps."""
     extra: dict = field(default_factory=dict)
     """Free-form defaults a plugin wants to carry (shown by ``e4t domains show``)."""
+
+    def fallback_defaults(self) -> PhaseDefaults:
+        """How ``tune`` trains without a domain checkpoint: the plugin's ``fallback``, else ``tune`` for longer."""
+        if self.fallback is not None:
+            return self.fallback
+        return replace(self.tune, steps=FALLBACK_STEPS)
 
     def defaults(self) -> dict:
         """Every default as plain data (for display and JSON)."""
@@ -163,8 +182,10 @@ def validate_domain(domain: Any) -> list[str]:
         problems.append("'pretrain_templates' must be a tuple of prompts containing 'S*'")
     else:
         problems += template_problems(domain.pretrain_templates)
-    for phase_name in ("pretrain", "tune"):
+    for phase_name in ("pretrain", "tune", "fallback"):
         phase = getattr(domain, phase_name)
+        if phase is None and phase_name == "fallback":
+            continue
         if not isinstance(phase, PhaseDefaults):
             problems.append(f"missing field '{phase_name}' (a PhaseDefaults)")
             continue
@@ -192,11 +213,37 @@ def validate_domain(domain: Any) -> list[str]:
             problems.append(f"offsets.rank must be a positive integer, got {offsets.rank!r}")
     if not isinstance(domain.lambda_weights, (int, float)) or domain.lambda_weights < 0:
         problems.append(f"lambda_weights must be a non-negative number, got {domain.lambda_weights!r}")
+    problems += checkpoint_problems(domain)
     if not callable(domain.dataset):
         problems.append("missing field 'dataset' (a callable: path -> images)")
     for name in ("preprocess", "loss_mask"):
         if getattr(domain, name) is not None and not callable(getattr(domain, name)):
             problems.append(f"'{name}' must be callable or None")
+    return problems
+
+
+def checkpoint_problems(domain: Domain) -> list[str]:
+    """A hub checkpoint must be pinned: a commit to download and a fingerprint to verify."""
+    from e4tcli.io.hub import is_commit, is_fingerprint, is_hub_id
+
+    source = domain.checkpoint
+    if source is None:
+        return []
+    if not isinstance(source, str) or not source.strip():
+        return ["'checkpoint' must be a folder, a hub id or None"]
+    if not is_hub_id(source):
+        return []
+    problems = []
+    if not is_commit(domain.checkpoint_revision):
+        problems.append(
+            f"checkpoint '{source}' needs checkpoint_revision, a commit of 40 hex digits"
+            f" (got {domain.checkpoint_revision!r}; a branch can move under your users)"
+        )
+    if not is_fingerprint(domain.checkpoint_fingerprint):
+        problems.append(
+            f"checkpoint '{source}' needs checkpoint_fingerprint, the 16 hex digits of its config.json's 'fingerprint'"
+            f" (got {domain.checkpoint_fingerprint!r})"
+        )
     return problems
 
 

@@ -150,16 +150,27 @@ class PretrainOptions:
 @dataclass
 class TuneOptions:
     image: str = option(help="The one image of the concept (jpg, png, webp).", argument=True, path=True)
-    checkpoint: Optional[str] = option(None, "Domain checkpoint folder (default: the domain's published one).")
+    checkpoint: Optional[str] = option(
+        None,
+        "Domain checkpoint folder, or 'none' to tune from the base model"
+        " (default: the domain's own, pulled on first use when published).",
+    )
     out: Optional[str] = option(
         None, "Concept file to write (default: IMAGE.e4t.safetensors).", names=("--out", "-o"), path=True
     )
-    steps: Optional[int] = option(None, "Optimisation steps (default: the domain's).", minimum=0)
+    steps: Optional[int] = option(
+        None, "Optimisation steps (default: the domain's; more without a domain checkpoint).", minimum=0
+    )
     batch_size: Optional[int] = option(None, "Batch size (default: the domain's).", minimum=1)
     learning_rate: Optional[float] = learning_rate_option()
-    resolution: Optional[int] = option(None, "Training resolution (default: the checkpoint's).", minimum=8)
+    resolution: Optional[int] = option(
+        None, "Training resolution (default: the checkpoint's, else the domain's).", minimum=8
+    )
     seed: int = option(0, "Random seed; the same seed gives the same result.")
     base_model: Optional[str] = base_model_option()
+    backbone: Optional[str] = option(
+        None, "CLIP vision tower: a hub id or a local folder (default: the checkpoint's, else the domain's)."
+    )
     device: Optional[str] = device_option()
     precision: str = precision_option()
     gradient_checkpointing: Optional[bool] = option(

@@ -23,6 +23,7 @@ def complete(words: str, cword: int) -> list[str]:
 
 def test_domain_names_complete_from_the_registry():
     assert complete("e4t domains show ", 3) == ["art", "cats", "faces", "minifaces"]
+    assert complete("e4t domains pull m", 3) == ["minifaces"]
     assert complete("e4t domains show f", 3) == ["faces"]
 
 

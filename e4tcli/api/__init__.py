@@ -12,6 +12,7 @@ from e4tcli.api.common import (
     checkpointing_by_default,
     enable_gradient_checkpointing,
     installed_base_model,
+    new_model,
     phase_values,
     training_scheduler,
 )
@@ -25,11 +26,21 @@ from e4tcli.api.generation import (
     png_metadata,
 )
 from e4tcli.api.pretraining import PretrainResult, make_accelerator, pretrain, write_recipe
-from e4tcli.api.tuning import TuneResult, load_user_image, resolve_checkpoint, tune
+from e4tcli.api.tuning import (
+    NO_CHECKPOINT,
+    TuneResult,
+    load_domain_checkpoint,
+    load_user_image,
+    published_checkpoint,
+    tune,
+    tunes_from_base,
+    tuning_defaults,
+)
 from e4tcli.options import GenerateOptions, PretrainOptions, TuneOptions
 
 __all__ = [
     "DOMAIN_DEFAULTED",
+    "NO_CHECKPOINT",
     "GenerateOptions",
     "GenerateResult",
     "GenerationProgress",
@@ -45,14 +56,18 @@ __all__ = [
     "generate",
     "installed_base_model",
     "load_concept_model",
+    "load_domain_checkpoint",
+    "new_model",
     "load_user_image",
     "make_accelerator",
     "phase_values",
     "png_info",
     "png_metadata",
     "pretrain",
-    "resolve_checkpoint",
+    "published_checkpoint",
     "training_scheduler",
     "tune",
+    "tunes_from_base",
+    "tuning_defaults",
     "write_recipe",
 ]

@@ -36,6 +36,37 @@ def phase_values(options, defaults, domain: Domain) -> dict:
     }
 
 
+def new_model(base, backbone, domain: Domain, placement, **chosen):
+    """A fresh E4T model: encoder head and weight offsets at zero, so ``S*`` is the class word.
+
+    ``chosen`` may set ``encoder_hidden_dim``, ``encoder_scale``, ``offsets``, ``offset_rank`` and
+    ``offset_layers``; what is None or missing is the domain's default.
+    """
+    from e4tcli.models.e4t import E4TModel, unet_channels
+    from e4tcli.models.encoder import EncoderConfig
+    from e4tcli.models.weight_offsets import OffsetConfig
+
+    def pick(name, default):
+        value = chosen.get(name)
+        return default if value is None else value
+
+    vision = backbone.model.config
+    encoder_config = EncoderConfig(
+        backbone_hidden_size=vision.hidden_size,
+        backbone_layers=EncoderConfig.every_second_layer(vision.num_hidden_layers),
+        unet_channels=unet_channels(base.unet),
+        embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1],
+        hidden_dim=pick("encoder_hidden_dim", domain.encoder.hidden_dim),
+        scale=pick("encoder_scale", domain.encoder.scale),
+    )
+    offset_config = OffsetConfig(
+        kind=pick("offsets", domain.offsets.kind),
+        rank=pick("offset_rank", domain.offsets.rank),
+        layers=pick("offset_layers", domain.offsets.layers),
+    )
+    return E4TModel(base, domain.class_word, encoder_config, offset_config, placement)
+
+
 def training_scheduler(base):
     from diffusers import DDPMScheduler
 

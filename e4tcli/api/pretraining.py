@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 from e4tcli import __version__
-from e4tcli.api.common import DOMAIN_DEFAULTED, OnStep, enable_gradient_checkpointing, phase_values, training_scheduler
+from e4tcli.api.common import (
+    DOMAIN_DEFAULTED,
+    OnStep,
+    enable_gradient_checkpointing,
+    new_model,
+    phase_values,
+    training_scheduler,
+)
 from e4tcli.domain import Domain
 from e4tcli.errors import UsageError
 from e4tcli.io.destinations import check_run_folder
@@ -74,10 +81,7 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
     import torch
 
     from e4tcli.io.training_state import resolve_resume
-    from e4tcli.models.e4t import E4TModel, unet_channels
-    from e4tcli.models.encoder import EncoderConfig
     from e4tcli.models.loading import load_backbone, load_base_model
-    from e4tcli.models.weight_offsets import OffsetConfig
     from e4tcli.training.pretrain import PretrainJob, PretrainSettings, pretrain_domain
 
     start = time.perf_counter()
@@ -89,22 +93,18 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
     accelerator, placement = make_accelerator(options.device, options.precision, options.gradient_accumulation)
     base = load_base_model(options.base_model or domain.base_model, placement.device, placement.dtype)
     backbone = load_backbone(options.backbone or domain.backbone, placement.device, placement.dtype)
-    vision = backbone.model.config
-    encoder_config = EncoderConfig(
-        backbone_hidden_size=vision.hidden_size,
-        backbone_layers=EncoderConfig.every_second_layer(vision.num_hidden_layers),
-        unet_channels=unet_channels(base.unet),
-        embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1],
-        hidden_dim=options.encoder_hidden_dim or domain.encoder.hidden_dim,
-        scale=options.encoder_scale if options.encoder_scale is not None else domain.encoder.scale,
-    )
-    offset_config = OffsetConfig(
-        kind=options.offsets or domain.offsets.kind,
-        rank=options.offset_rank or domain.offsets.rank,
-        layers=options.offset_layers or domain.offsets.layers,
-    )
     torch.manual_seed(options.seed)
-    model = E4TModel(base, domain.class_word, encoder_config, offset_config, placement)
+    model = new_model(
+        base,
+        backbone,
+        domain,
+        placement,
+        encoder_hidden_dim=options.encoder_hidden_dim,
+        encoder_scale=options.encoder_scale,
+        offsets=options.offsets,
+        offset_rank=options.offset_rank,
+        offset_layers=options.offset_layers,
+    )
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     defaults = domain.pretrain

@@ -11,6 +11,7 @@ from e4tcli.api.common import (
     check_same,
     checkpointing_by_default,
     enable_gradient_checkpointing,
+    new_model,
     phase_values,
     training_scheduler,
 )
@@ -44,29 +45,61 @@ def load_user_image(path: str):
         ) from None
 
 
-def resolve_checkpoint(domain: Domain, checkpoint: Optional[str]) -> Path:
-    source = checkpoint or domain.checkpoint
-    if source is None:
+NO_CHECKPOINT = "none"
+"""``--checkpoint none``: tune from the base model, without a pre-trained domain."""
+
+
+def tunes_from_base(domain: Domain, checkpoint: Optional[str]) -> bool:
+    """Whether ``tune`` starts from the base model: asked for, or the domain has no checkpoint."""
+    if checkpoint is not None:
+        return checkpoint == NO_CHECKPOINT
+    return domain.checkpoint is None
+
+
+def published_checkpoint(domain: Domain, checkpoint: Optional[str]):
+    """The domain's published checkpoint when ``tune`` will use it (no --checkpoint given), else None."""
+    from e4tcli.io.hub import Published, is_hub_id
+
+    if checkpoint is not None or domain.checkpoint is None or not is_hub_id(domain.checkpoint):
+        return None
+    if not domain.checkpoint_revision or not domain.checkpoint_fingerprint:
         raise UsageError(
-            f"domain '{domain.name}' has no published checkpoint",
-            hint=f"pass --checkpoint DIR (make one with 'e4t pretrain --domain {domain.name} --data ... --out DIR')",
+            f"domain '{domain.name}' names hub checkpoint '{domain.checkpoint}' without a pinned revision and fingerprint",
+            hint="ask the plugin's authors to set checkpoint_revision and checkpoint_fingerprint, or pass --checkpoint",
         )
-    if Path(source).exists():
-        return Path(source)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(source))
-    except Exception as error:
-        raise UsageError(
-            f"domain checkpoint '{source}' is neither a folder nor a downloadable hub id ({type(error).__name__})",
-            hint="pass --checkpoint a folder written by 'e4t pretrain'",
-        ) from None
+    return Published(domain.checkpoint, domain.checkpoint_revision, domain.checkpoint_fingerprint)
 
 
-def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneResult:
-    from e4tcli.device import choose_placement
+def load_domain_checkpoint(domain: Domain, checkpoint: Optional[str], progress: bool = True):
+    """The domain checkpoint to tune from: --checkpoint (a folder or a run folder), else the domain's own
+    (a folder shipped with the plugin, or its published checkpoint, pulled and verified)."""
+    from e4tcli.io import hub
     from e4tcli.io.checkpoint import load_checkpoint
+
+    published = published_checkpoint(domain, checkpoint)
+    if published is not None:
+        return hub.pull(published, progress)
+    source = checkpoint or domain.checkpoint
+    if source is None or not Path(source).exists():
+        raise UsageError(
+            f"domain checkpoint '{source}' not found",
+            hint="pass --checkpoint a folder written by 'e4t pretrain', or --checkpoint none to tune from the base model",
+        )
+    return load_checkpoint(Path(source))
+
+
+def tuning_defaults(domain: Domain, from_base: bool):
+    """The domain's tuning defaults; without a checkpoint, its fallback's (more steps)."""
+    return domain.fallback_defaults() if from_base else domain.tune
+
+
+def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress: bool = True) -> TuneResult:
+    """Write the concept. Without a domain checkpoint (``--checkpoint none``, or a domain that names
+    none) the encoder head and the offsets start at zero and train for the domain's fallback steps.
+    ``progress``: show the download bar when the domain's published checkpoint is pulled."""
+    import torch
+
+    from e4tcli.device import choose_placement
     from e4tcli.io.concept import save_concept
     from e4tcli.models.e4t import E4TModel
     from e4tcli.models.encoder import EncoderConfig
@@ -81,13 +114,13 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
     if out.suffix != ".safetensors":
         raise UsageError(f"concept files end in .safetensors, got '{out}'", hint="pass --out NAME.safetensors")
     check_new_file(out, options.force)
-    checkpoint_dir = resolve_checkpoint(domain, options.checkpoint)
-    checkpoint = load_checkpoint(checkpoint_dir)
-    config = checkpoint.config
-    if config["domain"] != domain.name:
+    from_base = tunes_from_base(domain, options.checkpoint)
+    checkpoint = None if from_base else load_domain_checkpoint(domain, options.checkpoint, progress)
+    if checkpoint is not None and checkpoint.config["domain"] != domain.name:
         raise UsageError(
-            f"checkpoint {checkpoint_dir} was pre-trained for domain '{config['domain']}', not '{domain.name}'",
-            hint=f"pass --domain {config['domain']}, or a checkpoint of domain '{domain.name}'",
+            f"checkpoint {checkpoint.folder} was pre-trained for domain '{checkpoint.config['domain']}', "
+            f"not '{domain.name}'",
+            hint=f"pass --domain {checkpoint.config['domain']}, or a checkpoint of domain '{domain.name}'",
         )
     if domain.preprocess is not None:
         try:
@@ -96,25 +129,45 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
             raise UsageError(f"{options.image}: {error.message}", hint=error.hint) from None
 
     placement = choose_placement(options.device, options.precision)
-    base_source = options.base_model or recorded_source(config["base_model"]["source"], domain.base_model)
-    base = load_base_model(base_source, placement.device, placement.dtype)
-    check_same("base model", config["base_model"], base.source, base.fingerprint, "--base-model")
-    backbone_source = recorded_source(config["backbone"]["source"], domain.backbone)
-    backbone = load_backbone(backbone_source, placement.device, placement.dtype)
-    check_same("image backbone", config["backbone"], backbone.source, backbone.fingerprint, "the backbone")
-    encoder_config = EncoderConfig.from_dict(config["encoder"])
-    model = E4TModel(base, domain.class_word, encoder_config, OffsetConfig(**config["offsets"]), placement)
-    model.load_trainable_state_dict(checkpoint.tensors)
+    if checkpoint is None:
+        base = load_base_model(options.base_model or domain.base_model, placement.device, placement.dtype)
+        backbone = load_backbone(options.backbone or domain.backbone, placement.device, placement.dtype)
+        torch.manual_seed(options.seed)
+        model = new_model(base, backbone, domain, placement)
+        recorded_base = {"fingerprint": base.fingerprint}
+        recorded_backbone = {
+            "source": portable_source(backbone.source, domain.name, domain.backbone),
+            "fingerprint": backbone.fingerprint,
+        }
+        default_resolution = domain.fallback_defaults().resolution
+    else:
+        config = checkpoint.config
+        base_source = options.base_model or recorded_source(config["base_model"]["source"], domain.base_model)
+        base = load_base_model(base_source, placement.device, placement.dtype)
+        check_same("base model", config["base_model"], base.source, base.fingerprint, "--base-model")
+        backbone_source = options.backbone or recorded_source(config["backbone"]["source"], domain.backbone)
+        backbone = load_backbone(backbone_source, placement.device, placement.dtype)
+        check_same("image backbone", config["backbone"], backbone.source, backbone.fingerprint, "--backbone")
+        model = E4TModel(
+            base,
+            domain.class_word,
+            EncoderConfig.from_dict(config["encoder"]),
+            OffsetConfig(**config["offsets"]),
+            placement,
+        )
+        model.load_trainable_state_dict(checkpoint.tensors)
+        recorded_base, recorded_backbone = config["base_model"], config["backbone"]
+        default_resolution = config["training"]["resolution"]
     checkpointing = options.gradient_checkpointing
     if checkpointing is None:
         checkpointing = checkpointing_by_default(placement.device)
     if checkpointing:
         enable_gradient_checkpointing(model)
 
-    resolution = options.resolution or config["training"]["resolution"]
+    resolution = options.resolution or default_resolution
     square = square_resize(image, resolution)
-    features = backbone_features(backbone, [square], encoder_config.backbone_layers)
-    defaults = domain.tune
+    features = backbone_features(backbone, [square], model.encoder_config.backbone_layers)
+    defaults = tuning_defaults(domain, from_base)
     settings = TuneSettings(**phase_values(options, defaults, domain), resolution=resolution, seed=options.seed)
     mask = domain.loss_mask(image) if domain.loss_mask is not None else None
     losses = tune_concept(
@@ -124,9 +177,11 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None) -> TuneRe
         "domain": domain.name,
         "class_word": domain.class_word,
         "token": PLACEHOLDER,
-        "base_model": config["base_model"] | {"source": portable_source(base.source, domain.name, domain.base_model)},
-        "backbone": config["backbone"],
-        "checkpoint": {
+        "base_model": recorded_base | {"source": portable_source(base.source, domain.name, domain.base_model)},
+        "backbone": recorded_backbone,
+        "checkpoint": None
+        if checkpoint is None
+        else {
             "source": portable_source(str(options.checkpoint or domain.checkpoint), domain.name, domain.checkpoint),
             "fingerprint": checkpoint.fingerprint,
         },

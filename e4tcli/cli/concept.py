@@ -16,6 +16,9 @@ def _summary_lines(described: dict) -> list[tuple[str, str]]:
         return f"{entry['source']} (fingerprint {entry['fingerprint']})" if entry else "-"
 
     lines = [("kind", described["kind"]), ("domain", str(described.get("domain")))]
+    checkpoint = source(described.get("checkpoint"))
+    if described.get("checkpoint", "-") is None:
+        checkpoint = "none (tuned from the base model)"
     if described["kind"] == "concept":
         offsets = described["offsets"]
         lines += [
@@ -32,7 +35,7 @@ def _summary_lines(described: dict) -> list[tuple[str, str]]:
         ]
     lines += [
         ("base model", source(described.get("base_model"))),
-        ("checkpoint", source(described.get("checkpoint"))),
+        ("checkpoint", checkpoint),
         ("created", str(described.get("created"))),
         ("size", human_size(described["size_bytes"])),
     ]

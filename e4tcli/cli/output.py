@@ -29,6 +29,11 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def tell(message: str) -> None:
+    """One line on stderr about what e4t is doing (stdout stays for results and --json)."""
+    stderr_console().print(f"e4t: {message}", markup=False)
+
+
 def warn(message: str) -> None:
     stderr_console().print(f"e4t: warning: {message}", markup=False)
 

@@ -2,8 +2,18 @@
 
 from e4tcli.cli.declared import declared_options
 from e4tcli.cli.options import DomainOption, JsonFlag
-from e4tcli.cli.output import human_size, print_json, registry, reports_errors, stdout_console, step_progress
+from e4tcli.cli.output import human_size, print_json, registry, reports_errors, stdout_console, step_progress, tell
+from e4tcli.domain import Domain
+from e4tcli.io import hub
 from e4tcli.options import TuneOptions
+
+
+def fallback_notice(domain: Domain, checkpoint, steps: int) -> str:
+    why = "--checkpoint none" if checkpoint is not None else f"domain '{domain.name}' has no checkpoint"
+    return (
+        f"{why}: tuning from the base model, {steps} steps (slower than the {domain.tune.steps} steps "
+        "of a pre-trained domain); 'e4t domains' shows which domains have one, docs/pretraining.md how to make one"
+    )
 
 
 @reports_errors
@@ -17,10 +27,19 @@ def tune(options: dict, domain: DomainOption, json_output: JsonFlag = False) -> 
 
     entry = registry().get(domain)
     resolved = api.TuneOptions(**options)
-    total = resolved.steps if resolved.steps is not None else entry.domain.tune.steps
+    from_base = api.tunes_from_base(entry.domain, resolved.checkpoint)
+    defaults = api.tuning_defaults(entry.domain, from_base)
+    total = resolved.steps if resolved.steps is not None else defaults.steps
+    if from_base:
+        tell(fallback_notice(entry.domain, resolved.checkpoint, total))
+    else:
+        published = api.published_checkpoint(entry.domain, resolved.checkpoint)
+        if published is not None and hub.cached(published) is None:
+            tell(f"pulling domain '{domain}' checkpoint {published.label} (first use; cached afterwards)")
     with step_progress(total, "tuning", enabled=not json_output) as on_step:
-        result = api.tune(resolved, entry.domain, on_step)
+        result = api.tune(resolved, entry.domain, on_step, progress=not json_output)
     final_loss = result.losses[-1]["total"] if result.losses else None
+    checkpoint = "none" if from_base else (resolved.checkpoint or entry.domain.checkpoint)
     if json_output:
         print_json(
             {
@@ -31,6 +50,7 @@ def tune(options: dict, domain: DomainOption, json_output: JsonFlag = False) -> 
                 "seed": result.seed,
                 "final_loss": final_loss,
                 "domain": domain,
+                "checkpoint": checkpoint,
             }
         )
         return

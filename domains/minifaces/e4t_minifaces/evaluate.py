@@ -157,21 +157,25 @@ class World:
         self._e4t.load_trainable_state_dict(self.checkpoint.tensors)
         return self._e4t
 
-    def concept_model(self, tensors: dict):
-        """The model ``e4t generate`` builds from a concept file's ``tensors``."""
+    def fresh_model(self):
+        """The model ``e4t tune --checkpoint none`` starts from: encoder head and offsets at zero."""
+        from e4t_minifaces import minifaces_domain
+        from e4tcli.api.common import new_model
+
+        torch.manual_seed(0)
+        return new_model(self.load_base(), self.backbone, minifaces_domain(), self.placement)
+
+    def concept_model(self, tensors: dict, like=None):
+        """The model ``e4t generate`` builds from a concept file's ``tensors`` (tuned from ``like``'s
+        configuration; default: the domain checkpoint's)."""
         from e4tcli.models.e4t import E4TModel
         from e4tcli.models.encoder import EncoderConfig
         from e4tcli.models.weight_offsets import OffsetConfig
 
         config = self.checkpoint.config
-        return E4TModel(
-            self.load_base(),
-            config["class_word"],
-            EncoderConfig.from_dict(config["encoder"]),
-            OffsetConfig(**config["offsets"]),
-            self.placement,
-            tensors,
-        )
+        encoder_config = like.encoder_config if like else EncoderConfig.from_dict(config["encoder"])
+        offset_config = like.offset_config if like else OffsetConfig(**config["offsets"])
+        return E4TModel(self.load_base(), config["class_word"], encoder_config, offset_config, self.placement, tensors)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -247,15 +251,27 @@ def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets
     return images, seconds, size
 
 
-def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True):
-    """The concept ``e4t tune`` writes for ``identity``'s portrait after ``steps`` steps, as read back from its file."""
+def run_fallback(w: World, identity, settings: EvalSettings, steps: int):
+    """``e4t tune --checkpoint none``: no pre-trained domain, encoder head and offsets tuned from zero."""
+    model = w.fresh_model()
+    concept, seconds, size = tuned_concept(w, identity, settings, steps, model=model)
+    images = sample_e4t(w.concept_model(concept.tensors, like=model), settings)
+    return images, seconds, size
+
+
+def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True, model=None):
+    """The concept ``e4t tune`` writes for ``identity``'s portrait after ``steps`` steps, as read back from its file.
+
+    ``model``: a fresh model to tune with the domain's fallback defaults (default: the pre-trained domain).
+    """
     from e4t_minifaces import minifaces_domain
     from e4tcli.io.concept import load_concept, save_concept
     from e4tcli.models.loading import backbone_features
     from e4tcli.training.tune import TuneSettings, tune_concept
 
     domain = minifaces_domain()
-    model = w.e4t_model()
+    tune = domain.tune if model is None else domain.fallback_defaults()
+    model = model or w.e4t_model()
     reference = world.portrait(identity)
     started = time.perf_counter()
     features = backbone_features(w.backbone, [reference], model.encoder_config.backbone_layers)
@@ -266,7 +282,6 @@ def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_o
 
         for parameter in offset_parameters(model.offsets):
             parameter.requires_grad_(tune_offsets)
-        tune = domain.tune
         tuning = TuneSettings(
             steps=steps,
             learning_rate=settings.e4t_learning_rate or tune.learning_rate,
@@ -427,6 +442,7 @@ METHODS = {
     "e4t-encoder": run_e4t_encoder_tuned,
     "ti": run_textual_inversion,
     "dreambooth": run_dreambooth,
+    "fallback": run_fallback,
 }
 
 
@@ -440,7 +456,7 @@ def run_method(w: World, method: str, identity, settings: EvalSettings):
         return run_exported(w, identity, settings, int(steps), EXPORT_RANKS[name])
     if name not in METHODS or not steps.isdigit():
         raise ValueError(
-            f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, ti-N, dreambooth-N, {'-N, '.join(EXPORT_RANKS)}-N)"
+            f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, fallback-N, ti-N, dreambooth-N, {'-N, '.join(EXPORT_RANKS)}-N)"
         )
     return METHODS[name](w, identity, settings, int(steps))
 
