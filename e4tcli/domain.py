@@ -224,16 +224,20 @@ def validate_domain(domain: Any) -> list[str]:
 
 def checkpoint_problems(domain: Domain) -> list[str]:
     """A hub checkpoint must be pinned: a commit to download and a fingerprint to verify."""
-    from e4tcli.io.hub import is_commit, is_fingerprint, is_hub_id
+    from os import PathLike
+
+    from e4tcli.io.hub import HUB_ID, is_commit, is_fingerprint, names_hub_checkpoint
 
     source = domain.checkpoint
     if source is None:
         return []
-    if not isinstance(source, str) or not source.strip():
+    if not isinstance(source, (str, PathLike)) or not str(source).strip():
         return ["'checkpoint' must be a folder, a hub id or None"]
-    if not is_hub_id(source):
+    if not names_hub_checkpoint(domain):
         return []
     problems = []
+    if not HUB_ID.match(str(source)):
+        problems.append(f"checkpoint '{source}' has a revision and fingerprint but is not a hub id (OWNER/NAME)")
     if not is_commit(domain.checkpoint_revision):
         problems.append(
             f"checkpoint '{source}' needs checkpoint_revision, a commit of 40 hex digits"

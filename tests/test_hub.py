@@ -39,7 +39,7 @@ class FakeHub:
             digest.update(path.name.encode() + path.read_bytes())
         oid = digest.hexdigest()
         snapshot = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / oid
-        shutil.copytree(folder_path, snapshot)
+        shutil.copytree(folder_path, snapshot, dirs_exist_ok=True)
         FakeHub.uploads.append({"repo_id": repo_id, "files": sorted(p.name for p in snapshot.iterdir())})
         return SimpleNamespace(oid=oid, commit_url=f"https://hub.invalid/{repo_id}/commit/{oid}")
 
@@ -88,6 +88,10 @@ def test_push_publishes_weights_config_and_model_card(local_hub, tiny_checkpoint
     assert "library_name: e4t" in card and "| domain | cats |" in card
     assert config["base_model"]["fingerprint"] in card and "| steps | 2 |" in card
     assert f'checkpoint_fingerprint="{published["fingerprint"]}"' in card
+    losses = [line for line in card.splitlines() if "(mean of the last 100 logged steps)" in line]
+    assert [line.split(" (")[0] for line in losses] == ["| loss", "| denoising", "| embedding", "| weights"]
+    # a checkpoint folder of the run publishes the same files: the card still finds the run's log
+    assert pushed(tiny_checkpoint / "checkpoint-0000002")["revision"] == published["revision"]
     text = runner.invoke(app, ["domains", "push", str(tiny_checkpoint), "not a repo id"])
     assert text.exit_code == 2 and "not a hub id" in text.stderr
 
@@ -156,6 +160,11 @@ def test_an_unreachable_checkpoint_is_one_line_after_the_pulling_notice(
         checkpoint_revision="ab" * 20,
         checkpoint_fingerprint="0123456789abcdef",
     )
+    listed = json.loads(runner.invoke(app, ["domains", "--json"]).stdout)
+    assert next(d for d in listed["domains"] if d["name"] == "cats")["checkpoint_status"].endswith("(not pulled yet)")
+    partial = local_hub / "models--someone--e4t-cats" / "snapshots" / ("ab" * 20)
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")  # an interrupted download: the weights never came
     listed = json.loads(runner.invoke(app, ["domains", "--json"]).stdout)
     assert next(d for d in listed["domains"] if d["name"] == "cats")["checkpoint_status"].endswith("(not pulled yet)")
     out = tmp_path / "c.safetensors"

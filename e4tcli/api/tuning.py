@@ -58,9 +58,9 @@ def tunes_from_base(domain: Domain, checkpoint: Optional[str]) -> bool:
 
 def published_checkpoint(domain: Domain, checkpoint: Optional[str]):
     """The domain's published checkpoint when ``tune`` will use it (no --checkpoint given), else None."""
-    from e4tcli.io.hub import Published, is_hub_id
+    from e4tcli.io.hub import Published, names_hub_checkpoint
 
-    if checkpoint is not None or domain.checkpoint is None or not is_hub_id(domain.checkpoint):
+    if checkpoint is not None or domain.checkpoint is None or not names_hub_checkpoint(domain):
         return None
     if not domain.checkpoint_revision or not domain.checkpoint_fingerprint:
         raise UsageError(
@@ -80,6 +80,8 @@ def load_domain_checkpoint(domain: Domain, checkpoint: Optional[str], progress: 
     if published is not None:
         return hub.pull(published, progress)
     source = checkpoint or domain.checkpoint
+    if checkpoint is not None and hub.is_hub_id(checkpoint):  # the user's choice: as it is now, unpinned
+        return load_checkpoint(hub.download(checkpoint, None, progress))
     if source is None or not Path(source).exists():
         raise UsageError(
             f"domain checkpoint '{source}' not found",

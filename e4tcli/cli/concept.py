@@ -13,11 +13,11 @@ app = typer.Typer(help="Inspect concept files and exported files.", no_args_is_h
 
 def _summary_lines(described: dict) -> list[tuple[str, str]]:
     def source(entry):
-        return f"{entry['source']} (fingerprint {entry['fingerprint']})" if entry else "-"
+        return f"{entry['source']} (fingerprint {entry['fingerprint']})" if isinstance(entry, dict) else "-"
 
     lines = [("kind", described["kind"]), ("domain", str(described.get("domain")))]
     checkpoint = source(described.get("checkpoint"))
-    if described.get("checkpoint", "-") is None:
+    if "checkpoint" in described and described["checkpoint"] is None:
         checkpoint = "none (tuned from the base model)"
     if described["kind"] == "concept":
         offsets = described["offsets"]

@@ -18,9 +18,9 @@ app = typer.Typer(help="List installed domains, show their defaults, pull and pu
 
 
 def published(domain: Domain):
-    if not hub.is_hub_id(domain.checkpoint):
+    if domain.checkpoint is None or not hub.names_hub_checkpoint(domain):
         return None
-    return hub.Published(domain.checkpoint, domain.checkpoint_revision or "", domain.checkpoint_fingerprint or "")
+    return hub.Published(str(domain.checkpoint), domain.checkpoint_revision or "", domain.checkpoint_fingerprint or "")
 
 
 def checkpoint_status(domain: Domain) -> str:
@@ -121,7 +121,7 @@ def show_domain(
         return
     rows = [("distribution", f"{entry.plugin.distribution or '-'} {entry.plugin.version or ''}".strip())]
     for key, value in entry.domain.defaults().items():
-        if isinstance(value, dict) and key in ("pretrain", "tune"):
+        if isinstance(value, dict) and key in ("pretrain", "tune", "fallback"):
             rows.extend((f"{key}.{k}", v) for k, v in value.items())
         elif isinstance(value, list):
             rows.append((key, "\n".join(str(v) for v in value) if value else "-"))

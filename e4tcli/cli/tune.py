@@ -34,12 +34,16 @@ def tune(options: dict, domain: DomainOption, json_output: JsonFlag = False) -> 
         tell(fallback_notice(entry.domain, resolved.checkpoint, total))
     else:
         published = api.published_checkpoint(entry.domain, resolved.checkpoint)
-        if published is not None and hub.cached(published) is None:
+        if published is not None and hub.cached(published) is None:  # before the tuning bar: the download has its own
             tell(f"pulling domain '{domain}' checkpoint {published.label} (first use; cached afterwards)")
+            hub.pull(published, progress=not json_output)
+        elif hub.is_hub_id(resolved.checkpoint):
+            tell(f"downloading checkpoint {resolved.checkpoint} (its latest revision, not pinned by a plugin)")
+            hub.download(str(resolved.checkpoint), None, progress=not json_output)
     with step_progress(total, "tuning", enabled=not json_output) as on_step:
         result = api.tune(resolved, entry.domain, on_step, progress=not json_output)
     final_loss = result.losses[-1]["total"] if result.losses else None
-    checkpoint = "none" if from_base else (resolved.checkpoint or entry.domain.checkpoint)
+    checkpoint = "none" if from_base else str(resolved.checkpoint or entry.domain.checkpoint)
     if json_output:
         print_json(
             {

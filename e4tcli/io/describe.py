@@ -61,7 +61,7 @@ def describe_file(path: Path) -> dict[str, Any]:
             "domain": info.get("domain"),
             "class_word": info.get("class_word"),
             "base_model": info.get("base_model"),
-            "checkpoint": info.get("checkpoint"),
+            "checkpoint": info.get("checkpoint", "-"),
             "steps": info.get("tuning", {}).get("steps"),
             "offsets": info.get("offsets", {}) | {"count": len(offsets)},
             "precision": info.get("precision"),
@@ -78,7 +78,7 @@ def describe_file(path: Path) -> dict[str, Any]:
             "energy_kept": info.get("energy_kept"),
             "domain": concept.get("domain"),
             "base_model": concept.get("base_model"),
-            "checkpoint": concept.get("checkpoint"),
+            "checkpoint": concept.get("checkpoint", "-"),
             "created": info.get("created") or _modified(path),
             "e4t_version": info.get("e4t_version"),
         }

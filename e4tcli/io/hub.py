@@ -10,6 +10,7 @@ model card.
 import json
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -21,11 +22,22 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 LOSS_WINDOW = 100
 """The model card reports the mean losses of the run's last this-many logged steps."""
+LOSSES = ("loss", "denoising", "embedding", "weights")
+"""The loss terms ``e4t pretrain`` logs (total, denoising, ||offset||^2, ||dW||^2)."""
 
 
-def is_hub_id(source: Optional[str]) -> bool:
+def is_hub_id(source) -> bool:
     """``owner/name`` that is not an existing path (a local folder always wins)."""
     return isinstance(source, str) and bool(HUB_ID.match(source)) and not Path(source).exists()
+
+
+def names_hub_checkpoint(domain) -> bool:
+    """Whether a domain's checkpoint is on the Hub: it is pinned (whatever folders the current directory has),
+    or it reads as ``owner/name`` and no such folder exists."""
+    if domain.checkpoint is None:
+        return False
+    pinned = domain.checkpoint_revision is not None or domain.checkpoint_fingerprint is not None
+    return pinned or is_hub_id(domain.checkpoint)
 
 
 def is_commit(value: Optional[str]) -> bool:
@@ -50,45 +62,61 @@ class Published:
 
 
 def cached(published: Published) -> Optional[Path]:
-    """The checkpoint's folder in the Hugging Face cache, or None when it has not been pulled."""
+    """The checkpoint's folder in the Hugging Face cache, or None when it has not been (wholly) pulled."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(published.repo_id, revision=published.revision, local_files_only=True))
+        folder = Path(snapshot_download(published.repo_id, revision=published.revision, local_files_only=True))
     except Exception:
         return None
+    return folder if complete(folder) else None
+
+
+def complete(folder: Path) -> bool:
+    from e4tcli.io.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
 
 def pull(published: Published, progress: bool = True):
     """The checkpoint (an ``io.checkpoint.DomainCheckpoint``), downloaded first when it is not in the
     cache, and verified."""
-    folder = cached(published) or _download(published, progress)
+    folder = cached(published) or download(published.repo_id, published.revision, progress)
     return verified(folder, published)
 
 
-def _download(published: Published, progress: bool) -> Path:
+def download(repo_id: str, revision: Optional[str], progress: bool) -> Path:
+    """``repo_id`` at ``revision`` (None: its main branch) into the Hugging Face cache; its folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    if not progress:
+    label = f"{repo_id}@{revision[:12]}" if revision else repo_id
+    silenced = not progress and not are_progress_bars_disabled()
+    if silenced:
         disable_progress_bars()
+    failed = RuntimeFailure(
+        f"could not download domain checkpoint {label}",
+        hint="check the network and run again (the download resumes), or pass --checkpoint DIR or none",
+    )
     try:
-        return Path(snapshot_download(published.repo_id, revision=published.revision))
+        folder = Path(snapshot_download(repo_id, revision=revision))
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise UsageError(
-            f"the Hub has no {published.label} ({type(error).__name__})",
-            hint="the domain plugin names a checkpoint that is gone or private; "
-            "log in with 'hf auth login' if it is private, or pass --checkpoint DIR",
+            f"the Hub has no {label} ({type(error).__name__})",
+            hint="check the name (log in with 'hf auth login' if it is private), or pass --checkpoint DIR or none",
         ) from None
     except Exception as error:
-        raise RuntimeFailure(
-            f"could not download domain checkpoint {published.label} ({type(error).__name__})",
-            hint="check the network and run again (the download resumes), or pass --checkpoint DIR or none",
-        ) from None
+        failed.message += f" ({type(error).__name__})"
+        raise failed from None
     finally:
-        if not progress:
-            enable_progress_bars()
+        if silenced:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable_progress_bars()
+    if not complete(folder):  # offline, huggingface_hub returns what an interrupted download left
+        raise failed
+    return folder
 
 
 def verified(folder: Path, published: Published):
@@ -125,6 +153,7 @@ def push(run_dir: Path, repo_id: str, private: bool = False, api: Any = None) ->
         raise UsageError(f"'{repo_id}' is not a hub id", hint="pass OWNER/NAME, e.g. you/e4t-cats")
     checkpoint = load_checkpoint(Path(run_dir))
     config = {**checkpoint.config, "fingerprint": checkpoint.fingerprint}
+    run = checkpoint.folder.parent if (checkpoint.folder.parent / "latest").is_file() else checkpoint.folder
     if api is None:
         from huggingface_hub import HfApi
 
@@ -133,10 +162,10 @@ def push(run_dir: Path, repo_id: str, private: bool = False, api: Any = None) ->
         staged = Path(tmp)
         save_file(checkpoint.tensors, str(staged / WEIGHTS_NAME), metadata={"format": config["format"]})
         (staged / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        validation = latest_validation_grid(Path(run_dir))
+        validation = latest_validation_grid(run, config.get("step"))
         if validation is not None:
             (staged / "validation.png").write_bytes(validation.read_bytes())
-        losses = final_losses(Path(run_dir))
+        losses = final_losses(run, config.get("step"))
         (staged / "README.md").write_text(model_card(config, repo_id, losses, validation is not None))
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -148,25 +177,42 @@ def push(run_dir: Path, repo_id: str, private: bool = False, api: Any = None) ->
             )
         except Exception as error:
             raise RuntimeFailure(
-                f"could not publish to {repo_id} ({type(error).__name__}: {str(error).splitlines()[0][:160]})",
+                f"could not publish to {repo_id} ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]})",
                 hint="log in with 'hf auth login' (a token with write access), then run again",
             ) from None
     return PushResult(repo_id, commit.oid, checkpoint.fingerprint, getattr(commit, "commit_url", repo_id))
 
 
-def latest_validation_grid(run_dir: Path) -> Optional[Path]:
-    grids = sorted((run_dir / "validation").glob("step-*.png")) if (run_dir / "validation").is_dir() else []
+def latest_validation_grid(run_dir: Path, step: Optional[int]) -> Optional[Path]:
+    """The run's last validation grid up to ``step`` (None: any)."""
+    folder = run_dir / "validation"
+    grids = sorted(folder.glob("step-*.png")) if folder.is_dir() else []
+    if step is not None:
+        grids = [g for g in grids if g.stem.removeprefix("step-").isdigit() and int(g.stem[5:]) <= step]
     return grids[-1] if grids else None
 
 
-def final_losses(run_dir: Path) -> dict[str, float]:
-    """Mean of each loss over the run's last ``LOSS_WINDOW`` logged steps (empty without ``log.jsonl``)."""
+def final_losses(run_dir: Path, step: Optional[int]) -> dict[str, float]:
+    """Mean of each loss term over the last ``LOSS_WINDOW`` steps logged up to ``step`` (empty without
+    ``log.jsonl``; lines that do not parse, such as a last line cut by a crash, are skipped)."""
     path = run_dir / "log.jsonl"
     if not path.is_file():
         return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][-LOSS_WINDOW:]
-    keys = sorted({k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
-    return {k: sum(r[k] for r in records if k in r) / sum(1 for r in records if k in r) for k in keys}
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (step is None or record.get("step", 0) <= step):
+            records.append(record)
+    records = records[-LOSS_WINDOW:]
+    means = {}
+    for name in LOSSES:
+        values = [r[name] for r in records if isinstance(r.get(name), (int, float))]
+        if values:
+            means[name] = sum(values) / len(values)
+    return means
 
 
 def model_card(config: dict, repo_id: str, losses: dict[str, float], has_validation: bool) -> str:
