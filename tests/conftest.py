@@ -7,7 +7,11 @@ imports), so tests that don't need torch never pay for it.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never contacts the Hugging Face Hub
 
 
 @pytest.fixture(autouse=True)

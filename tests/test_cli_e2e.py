@@ -185,8 +185,9 @@ def test_unreadable_and_non_image_files(world, tmp_path):
 
 def test_missing_checkpoint(world, photo_folder, tmp_path):
     image = str(photo_folder / "chelsea.png")
-    line = one_line_error(runner.invoke(app, ["tune", image, "--domain", "cats", "--checkpoint", "no/such-folder"]), 2)
-    assert "domain checkpoint 'no/such-folder' not found" in line and "--checkpoint none" in line
+    missing = str(tmp_path / "no-such-folder")
+    line = one_line_error(runner.invoke(app, ["tune", image, "--domain", "cats", "--checkpoint", missing]), 2)
+    assert f"domain checkpoint '{missing}' not found" in line and "--checkpoint none" in line
     line = one_line_error(runner.invoke(app, ["tune", image, "--domain", "cats", "--checkpoint", str(tmp_path)]), 2)
     assert "no domain checkpoint" in line
     line = one_line_error(

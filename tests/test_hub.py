@@ -52,6 +52,7 @@ def local_hub(tmp_path, monkeypatch):
     cache = tmp_path / "hf-cache"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest's guard; the closed port is safe
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     FakeHub.uploads = []
     return cache
