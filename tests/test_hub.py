@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,6 +74,17 @@ def install_cats(tmp_path, monkeypatch, tiny_sd, tiny_backbone, **fields) -> Non
     monkeypatch.setenv("E4T_BLOCK_PLUGINS", "cats")
 
 
+def install_published(tmp_path, monkeypatch, tiny_sd, tiny_backbone, revision: str, fingerprint: str) -> None:
+    """'cats' naming REPO at ``revision`` with ``fingerprint``."""
+    pins = {"checkpoint": REPO, "checkpoint_revision": revision, "checkpoint_fingerprint": fingerprint}
+    install_cats(tmp_path, monkeypatch, tiny_sd, tiny_backbone, **pins)
+
+
+def cats_status() -> str:
+    listed = json.loads(runner.invoke(app, ["domains", "--json"]).stdout)
+    return next(d for d in listed["domains"] if d["name"] == "cats")["checkpoint_status"]
+
+
 def pushed(tiny_checkpoint) -> dict:
     result = runner.invoke(app, ["domains", "push", str(tiny_checkpoint), REPO, "--json"])
     assert result.exit_code == 0, result.output
@@ -101,18 +113,10 @@ def test_pull_verifies_then_tune_uses_the_published_domain(
     local_hub, tiny_checkpoint, tiny_sd, tiny_backbone, photo_folder, tmp_path, monkeypatch
 ):
     published = pushed(tiny_checkpoint)
-    install_cats(
-        tmp_path,
-        monkeypatch,
-        tiny_sd,
-        tiny_backbone,
-        checkpoint=REPO,
-        checkpoint_revision=published["revision"],
-        checkpoint_fingerprint=published["fingerprint"],
-    )
+    install_published(tmp_path, monkeypatch, tiny_sd, tiny_backbone, published["revision"], published["fingerprint"])
     listed = json.loads(runner.invoke(app, ["domains", "--json"]).stdout)
-    cats = next(d for d in listed["domains"] if d["name"] == "cats")
-    assert cats["checkpoint"] == REPO and cats["checkpoint_status"] == f"{REPO}@{published['revision'][:12]} (pulled)"
+    assert next(d for d in listed["domains"] if d["name"] == "cats")["checkpoint"] == REPO
+    assert cats_status() == f"{REPO}@{published['revision'][:12]} (pulled)"
     pull = runner.invoke(app, ["domains", "pull", "cats", "--json"])
     assert pull.exit_code == 0, pull.output
     assert json.loads(pull.stdout)["fingerprint"] == published["fingerprint"]
@@ -131,15 +135,7 @@ def test_a_checkpoint_whose_fingerprint_differs_is_refused(
     local_hub, tiny_checkpoint, tiny_sd, tiny_backbone, photo_folder, tmp_path, monkeypatch
 ):
     published = pushed(tiny_checkpoint)
-    install_cats(
-        tmp_path,
-        monkeypatch,
-        tiny_sd,
-        tiny_backbone,
-        checkpoint=REPO,
-        checkpoint_revision=published["revision"],
-        checkpoint_fingerprint="0123456789abcdef",
-    )
+    install_published(tmp_path, monkeypatch, tiny_sd, tiny_backbone, published["revision"], "0123456789abcdef")
     for command in (["domains", "pull", "cats"], ["tune", str(photo_folder / "chelsea.png"), "--domain", "cats"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 2
@@ -152,22 +148,12 @@ def test_a_checkpoint_whose_fingerprint_differs_is_refused(
 def test_an_unreachable_checkpoint_is_one_line_after_the_pulling_notice(
     local_hub, tiny_sd, tiny_backbone, photo_folder, tmp_path, monkeypatch
 ):
-    install_cats(
-        tmp_path,
-        monkeypatch,
-        tiny_sd,
-        tiny_backbone,
-        checkpoint=REPO,
-        checkpoint_revision="ab" * 20,
-        checkpoint_fingerprint="0123456789abcdef",
-    )
-    listed = json.loads(runner.invoke(app, ["domains", "--json"]).stdout)
-    assert next(d for d in listed["domains"] if d["name"] == "cats")["checkpoint_status"].endswith("(not pulled yet)")
+    install_published(tmp_path, monkeypatch, tiny_sd, tiny_backbone, "ab" * 20, "0123456789abcdef")
+    assert cats_status().endswith("(not pulled yet)")
     partial = local_hub / "models--someone--e4t-cats" / "snapshots" / ("ab" * 20)
     partial.mkdir(parents=True)
     (partial / "config.json").write_text("{}")  # an interrupted download: the weights never came
-    listed = json.loads(runner.invoke(app, ["domains", "--json"]).stdout)
-    assert next(d for d in listed["domains"] if d["name"] == "cats")["checkpoint_status"].endswith("(not pulled yet)")
+    assert cats_status().endswith("(not pulled yet)")
     out = tmp_path / "c.safetensors"
     result = runner.invoke(app, ["tune", str(photo_folder / "chelsea.png"), "--domain", "cats", "--out", str(out)])
     assert result.exit_code == 1
@@ -182,8 +168,6 @@ def test_a_hub_checkpoint_must_be_pinned():
     from e4tcli.plugins import load_registry
 
     cats = load_registry().get("cats").domain
-    from dataclasses import replace
-
     problems = validate_domain(replace(cats, checkpoint=REPO, checkpoint_revision="main"))
     assert any("checkpoint_revision, a commit of 40 hex digits" in p for p in problems)
     assert any("needs checkpoint_fingerprint" in p for p in problems)
@@ -228,8 +212,6 @@ def test_without_a_checkpoint_tune_starts_from_the_base_model(
     assert exported.exit_code == 0, exported.output
 
     no_fallback = PhaseDefaults(**{**vars(cats.tune), "steps": FALLBACK_STEPS})
-    from dataclasses import replace
-
     assert replace(cats, fallback=None).fallback_defaults() == no_fallback
 
 
@@ -251,8 +233,6 @@ def test_checkpoint_none_skips_the_domain_checkpoint(tiny_checkpoint, tiny_sd, t
     from e4tcli.plugins import load_registry
 
     cats = load_registry().get("cats").domain
-    from dataclasses import replace
-
     domain = replace(cats, checkpoint=str(tiny_checkpoint), backbone=str(tiny_backbone), base_model=str(tiny_sd))
     assert not api.tunes_from_base(domain, None) and api.tunes_from_base(domain, "none")
     options = api.TuneOptions(

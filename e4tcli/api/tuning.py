@@ -58,16 +58,9 @@ def tunes_from_base(domain: Domain, checkpoint: Optional[str]) -> bool:
 
 def published_checkpoint(domain: Domain, checkpoint: Optional[str]):
     """The domain's published checkpoint when ``tune`` will use it (no --checkpoint given), else None."""
-    from e4tcli.io.hub import Published, names_hub_checkpoint
+    from e4tcli.io import hub
 
-    if checkpoint is not None or domain.checkpoint is None or not names_hub_checkpoint(domain):
-        return None
-    if not domain.checkpoint_revision or not domain.checkpoint_fingerprint:
-        raise UsageError(
-            f"domain '{domain.name}' names hub checkpoint '{domain.checkpoint}' without a pinned revision and fingerprint",
-            hint="ask the plugin's authors to set checkpoint_revision and checkpoint_fingerprint, or pass --checkpoint",
-        )
-    return Published(domain.checkpoint, domain.checkpoint_revision, domain.checkpoint_fingerprint)
+    return None if checkpoint is not None else hub.published(domain)
 
 
 def load_domain_checkpoint(domain: Domain, checkpoint: Optional[str], progress: bool = True):
@@ -117,6 +110,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress:
         raise UsageError(f"concept files end in .safetensors, got '{out}'", hint="pass --out NAME.safetensors")
     check_new_file(out, options.force)
     from_base = tunes_from_base(domain, options.checkpoint)
+    defaults = tuning_defaults(domain, from_base)
     checkpoint = None if from_base else load_domain_checkpoint(domain, options.checkpoint, progress)
     if checkpoint is not None and checkpoint.config["domain"] != domain.name:
         raise UsageError(
@@ -141,7 +135,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress:
             "source": portable_source(backbone.source, domain.name, domain.backbone),
             "fingerprint": backbone.fingerprint,
         }
-        default_resolution = domain.fallback_defaults().resolution
+        default_resolution = defaults.resolution
     else:
         config = checkpoint.config
         base_source = options.base_model or recorded_source(config["base_model"]["source"], domain.base_model)
@@ -169,7 +163,6 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress:
     resolution = options.resolution or default_resolution
     square = square_resize(image, resolution)
     features = backbone_features(backbone, [square], model.encoder_config.backbone_layers)
-    defaults = tuning_defaults(domain, from_base)
     settings = TuneSettings(**phase_values(options, defaults, domain), resolution=resolution, seed=options.seed)
     mask = domain.loss_mask(image) if domain.loss_mask is not None else None
     losses = tune_concept(

@@ -17,17 +17,11 @@ from e4tcli.plugins import RegisteredDomain
 app = typer.Typer(help="List installed domains, show their defaults, pull and push their checkpoints.")
 
 
-def published(domain: Domain):
-    if domain.checkpoint is None or not hub.names_hub_checkpoint(domain):
-        return None
-    return hub.Published(str(domain.checkpoint), domain.checkpoint_revision or "", domain.checkpoint_fingerprint or "")
-
-
 def checkpoint_status(domain: Domain) -> str:
     """Where ``tune`` gets this domain's checkpoint, in words."""
     if domain.checkpoint is None:
         return "none (tune starts from the base model)"
-    on_hub = published(domain)
+    on_hub = hub.published(domain)
     if on_hub is None:
         return "shipped with the plugin" if Path(domain.checkpoint).exists() else f"missing: {domain.checkpoint}"
     return f"{on_hub.label} ({'pulled' if hub.cached(on_hub) else 'not pulled yet'})"
@@ -137,8 +131,6 @@ def pull_domain(
     json_output: JsonFlag = False,
 ) -> None:
     """Download a domain's published checkpoint into the Hugging Face cache and verify it."""
-    from e4tcli.api import published_checkpoint
-
     domain = registry().get(name).domain
     if domain.checkpoint is None:
         raise UsageError(
@@ -146,7 +138,7 @@ def pull_domain(
             hint="'e4t tune' tunes from the base model without one (slower); "
             "docs/pretraining.md shows how to pre-train and publish one",
         )
-    target = published_checkpoint(domain, None)
+    target = hub.published(domain)
     if target is None:
         message = f"domain '{name}' ships its checkpoint with the plugin ({domain.checkpoint}); nothing to pull"
         if json_output:

@@ -61,6 +61,18 @@ class Published:
         return f"{self.repo_id}@{self.revision[:12]}"
 
 
+def published(domain) -> Optional[Published]:
+    """The domain's checkpoint on the Hub, or None when its checkpoint is elsewhere (or it has none)."""
+    if not names_hub_checkpoint(domain):
+        return None
+    if not is_commit(domain.checkpoint_revision) or not is_fingerprint(domain.checkpoint_fingerprint):
+        raise UsageError(
+            f"domain '{domain.name}' names hub checkpoint '{domain.checkpoint}' without a pinned revision and fingerprint",
+            hint="ask the plugin's authors to set checkpoint_revision and checkpoint_fingerprint, or pass --checkpoint",
+        )
+    return Published(str(domain.checkpoint), domain.checkpoint_revision, domain.checkpoint_fingerprint)
+
+
 def cached(published: Published) -> Optional[Path]:
     """The checkpoint's folder in the Hugging Face cache, or None when it has not been (wholly) pulled."""
     from huggingface_hub import snapshot_download
