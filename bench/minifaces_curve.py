@@ -29,14 +29,79 @@ from common import add_common_args, apply_common_args, print_table, reserve_stdo
 
 
 def zero_unet_features() -> None:
-    """The encoder reads the reference alone: its input from the noisy latent is zeroed (a diagnosis:
-    in pre-training that latent is the reference itself, a possible shortcut)."""
+    """The encoder reads the reference alone: its input from the noisy latent is zeroed in pre-training,
+    tuning and generation (a diagnosis: in pre-training that latent is the reference itself, a possible
+    shortcut)."""
     import torch
 
-    from e4tcli.models.encoder import E4TEncoder
+    from e4tcli.models.encoder import ConceptEncoder, E4TEncoder
 
-    forward = E4TEncoder.forward
-    E4TEncoder.forward = lambda self, image, unet: forward(self, image, torch.zeros_like(unet))
+    encoder_forward, concept_forward = E4TEncoder.forward, ConceptEncoder.forward
+    E4TEncoder.forward = lambda self, image, unet: encoder_forward(self, image, torch.zeros_like(unet))
+    ConceptEncoder.forward = lambda self, unet: concept_forward(self, torch.zeros_like(unet))
+
+
+def bias_timesteps_high() -> None:
+    """Pre-training draws t = T * sqrt(u) (u uniform) instead of T * u: three quarters of the samples
+    above T/2, where less of the reference is left in the noisy latent (a lever)."""
+    import torch
+
+    import e4tcli.training.pretrain as pretrain
+
+    make_batch = pretrain.make_batch
+
+    def biased(model, mean, std, features, samples, noise_scheduler, prompts=None):
+        batch = make_batch(model, mean, std, features, samples, noise_scheduler, prompts)
+        total = noise_scheduler.config.num_train_timesteps
+        uniform = (batch.timesteps.float() + 0.5) / total
+        batch.timesteps = torch.clamp((total * uniform.sqrt()).long(), max=total - 1)
+        return batch
+
+    pretrain.make_batch = biased
+
+
+def contrast_words(weight: float, margin: float = 0.005) -> None:
+    """Pre-training adds ``weight * relu(margin - (loss(x_A | word of B) - loss(x_A | word of A)))``, B being
+    the next element of the batch: each reference's word must denoise its own image better than another
+    reference's word does (a lever; one more text-encoder and UNet pass per step)."""
+    import torch
+
+    import e4tcli.training.pretrain as pretrain
+    from e4tcli.training.step import StepLosses, diffusion_target
+
+    def step(model, batch, noise_scheduler, lambda_emb, lambda_weights, generator=None):
+        noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        with torch.no_grad():
+            class_states = model.encode_text(batch.class_prompt_ids)
+        concept, offset = model.concept_embedding(batch.image_features, noisy, batch.timesteps, class_states)
+        target = diffusion_target(noise_scheduler, batch.latents, batch.noise, batch.timesteps).float()
+
+        def errors(words):
+            states = model.encode_text(batch.prompt_ids, concept=words)
+            prediction = model.unet(noisy, batch.timesteps, encoder_hidden_states=states).sample.float()
+            return ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+
+        own, other = errors(concept), errors(concept.roll(1, 0))
+        denoising, weights = own.mean(), model.offsets_squared_norm()
+        embedding = offset.pow(2).sum(dim=-1).mean()
+        contrast = torch.relu(margin - (other - own)).mean()
+        total = denoising + weight * contrast + lambda_emb * embedding + lambda_weights * weights
+        return StepLosses(total, denoising, embedding, weights)
+
+    pretrain.training_step = step
+
+
+def freeze_offsets() -> None:
+    """Pre-training leaves the weight offsets at zero: the encoder alone adapts (a diagnosis)."""
+    import e4tcli.training.pretrain as pretrain
+
+    init = pretrain.TrainableParts.__init__
+
+    def frozen(self, model):
+        init(self, model)
+        self.offsets.requires_grad_(False)
+
+    pretrain.TrainableParts.__init__ = frozen
 
 
 def main(argv=None) -> int:
@@ -69,6 +134,18 @@ def main(argv=None) -> int:
         action="store_true",
         help="an ablation: zero the encoder's pooled UNet-feature input, in pre-training and scoring",
     )
+    parser.add_argument(
+        "--timestep-bias", action="store_true", help="a lever: draw pre-training timesteps as T * sqrt(u)"
+    )
+    parser.add_argument(
+        "--contrastive",
+        type=float,
+        default=0.0,
+        help="a lever: weight of a term asking each word to denoise its own reference better than another's",
+    )
+    parser.add_argument(
+        "--frozen-offsets", action="store_true", help="a diagnosis: pre-train the encoder alone, offsets at zero"
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -86,6 +163,12 @@ def main(argv=None) -> int:
     weights = args.weights or WEIGHTS
     if args.without_unet_features:
         zero_unet_features()
+    if args.timestep_bias:
+        bias_timesteps_high()
+    if args.contrastive:
+        contrast_words(args.contrastive)
+    if args.frozen_offsets:
+        freeze_offsets()
     evaluate_at = sorted({int(s) for s in args.evaluate_at.split(",") if s} | {args.steps})
     args.work.mkdir(parents=True, exist_ok=True)
     portraits = args.work / f"portraits-{args.portraits}"
@@ -146,6 +229,9 @@ def main(argv=None) -> int:
                     "margin se": round(score.margin_stderr, 3),
                     "swap": round(score.swap, 3),
                     "fidelity": round(score.fidelity, 3),
+                    "per attribute (head skin eyes spacing mouth hair colour)": " ".join(
+                        f"{value:+.2f}" for value in score.attribute_margin.values()
+                    ),
                 }
             )
         (args.work / "curve.json").write_text(json.dumps({"train_seconds": train_seconds, "rows": rows}, indent=1))

@@ -61,6 +61,12 @@ def main(argv=None) -> int:
     parser.add_argument("--identities", type=int, default=16)
     parser.add_argument("--seeds-per-prompt", type=int, default=2)
     parser.add_argument("--sampling-steps", type=int, default=25)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="draws the held-out identities and the sampling noise (another seed: other identities)",
+    )
     parser.add_argument("--e4t-lr", type=float, help="E4T's tuning learning rate (default: the domain's)")
     parser.add_argument(
         "--e4t-lambda-emb", type=float, help="E4T's tuning weight of ||offset||^2 (default: the domain's)"
@@ -73,6 +79,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--weights", type=Path, help="a weights folder (default: the installed minifaces package's)")
     parser.add_argument("--grid", type=Path, help="save reference + E4T-5 images of each identity here")
+    parser.add_argument(
+        "--per-attribute",
+        action="store_true",
+        help="also print each method's margin per identity attribute (which attributes it carries)",
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -87,6 +98,7 @@ def main(argv=None) -> int:
         identities=args.identities,
         seeds_per_prompt=args.seeds_per_prompt,
         sampling_steps=args.sampling_steps,
+        seed=args.seed,
         e4t_learning_rate=args.e4t_lr,
         e4t_lambda_emb=args.e4t_lambda_emb,
         concept_precision=args.concept_precision,
@@ -135,6 +147,14 @@ def main(argv=None) -> int:
                 f"background {reader['background']:.3f}"
             ),
         )
+        if args.per_attribute:
+            print_table(
+                [
+                    {"method": s.method, **{name: s.attribute_margin[name] for name in world.IDENTITY_CHOICES}}
+                    for s in scores
+                ],
+                title="identity margin per attribute (0: the attribute does not follow the reference)",
+            )
     if args.grid and grid_rows:
         save_grid(args.grid, list(grid_rows.values()))
         print(f"grid: {args.grid}", file=sys.stderr)

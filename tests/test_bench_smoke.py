@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,3 +113,56 @@ def test_minifaces_curve_pretrains_and_scores_its_checkpoints(tmp_path):
         (2, 4, "e4t-0"),
     ]
     assert (tmp_path / "run" / "checkpoint-0000001").is_dir() and (tmp_path / "run" / "checkpoint-0000002").is_dir()
+
+
+@pytest.mark.slow
+def test_minifaces_curve_levers_run_and_frozen_offsets_stay_put(tmp_path):
+    report = run(
+        "minifaces_curve.py",
+        "--work",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--evaluate-at",
+        "1",
+        "--portraits",
+        "8",
+        "--batch-size",
+        "2",
+        "--identities",
+        "2",
+        "--seeds-per-prompt",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--methods",
+        "e4t-0",
+        "--timestep-bias",
+        "--contrastive",
+        "1",
+        "--frozen-offsets",
+        "--threads",
+        "1",
+    )
+    assert all(
+        len(row["per attribute (head skin eyes spacing mouth hair colour)"].split()) == 7 for row in report["rows"]
+    )
+    from e4tcli.io.checkpoint import load_checkpoint
+
+    first, second = (load_checkpoint(tmp_path / "run" / f"checkpoint-000000{step}").tensors for step in (1, 2))
+    offsets = [name for name in first if name.startswith("offsets.")]
+    encoder = [name for name in first if name.startswith("encoder.")]
+    assert offsets and all(torch.equal(first[name], second[name]) for name in offsets)  # frozen
+    assert any(not torch.equal(first[name], second[name]) for name in encoder)  # the encoder trains
+
+
+@pytest.mark.slow
+def test_minifaces_word_gain_measures_every_attribute_and_timestep_range():
+    report = run("minifaces_word_gain.py", "--identities", "2", "--samples", "2", "--threads", "1")
+    from e4t_minifaces import world
+
+    for gains in (report["over_none"], report["over_wrong"]):
+        assert set(gains) == set(world.IDENTITY_CHOICES)
+        assert all(len(by_range) == 4 for by_range in gains.values())
+    # the base model binds head-shape words: naming a wrong head shape costs more than naming the right one
+    assert sum(report["over_wrong"]["head"].values()) > 0

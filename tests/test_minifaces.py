@@ -210,6 +210,19 @@ def test_margin_and_swap_reward_drawing_each_reference():
     assert swapped.margin.mean() < 0 and swapped.swap < 0.5
 
 
+def test_attribute_margin_names_the_attributes_that_follow_the_reference():
+    from e4t_minifaces.evaluate import attribute_margins, held_out_identities
+
+    identities = held_out_identities(8, seed=3)
+    typical = _reads_showing([identities[0]])[0]
+    # every image shows its own reference's skin and eyes, and the first identity's everything else
+    reads = [{**typical, "skin": own["skin"], "eyes": own["eyes"]} for own in _reads_showing(identities)]
+    margins = attribute_margins(reads, identities)
+    assert margins["skin"] > 0.5 and margins["eyes"] > 0.5
+    for name in ("head", "spacing", "mouth", "hair"):
+        assert abs(margins[name]) < 1e-12, name
+
+
 # --------------------------------------------------------------------------- the reduced quality check
 @pytest.fixture(scope="module")
 def quality_scores():

@@ -89,6 +89,8 @@ class MethodScore:
     concept_bytes: int
     per_identity: list[float] = field(default_factory=list, repr=False)
     per_identity_margin: list[float] = field(default_factory=list, repr=False)
+    attribute_margin: dict[str, float] = field(default_factory=dict, repr=False)
+    """Per identity attribute: the identity margin counted on that attribute alone."""
 
 
 def held_out_identities(count: int, seed: int) -> list[world.Identity]:
@@ -489,6 +491,26 @@ def cross_scores(reads: list[dict[str, np.ndarray]], identities: list[world.Iden
     return IdentityScores(own, margin, swap)
 
 
+def attribute_margins(reads: list[dict[str, np.ndarray]], identities: list[world.Identity]) -> dict[str, float]:
+    """Per identity attribute, the margin on that attribute alone: the share of identity i's images showing
+    i's value minus the mean share showing each other identity's value, averaged over the identities
+    showing it (hair colour: those with hair). Says WHICH attributes a method carries from the reference."""
+    margins = {}
+    for name in world.IDENTITY_CHOICES:
+        showing = [i for i, identity in enumerate(identities) if name in identity.visible()]
+        if len(showing) < 2:
+            margins[name] = float("nan")
+            continue
+        per_identity = []
+        for i in showing:
+            shown = reads[i][name]
+            own = np.mean(shown == identities[i].labels()[name])
+            others = np.mean([np.mean(shown == identities[j].labels()[name]) for j in showing if j != i])
+            per_identity.append(own - others)
+        margins[name] = float(np.mean(per_identity))
+    return margins
+
+
 def standard_error(values) -> float:
     values = np.asarray(values, dtype=float)
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
@@ -522,6 +544,7 @@ def evaluate(w: World, methods: list[str], settings: EvalSettings, on_images=Non
                 size,
                 cross.own.tolist(),
                 cross.margin.tolist(),
+                attribute_margins(reads, identities),
             )
         )
     return scores
