@@ -63,7 +63,8 @@ def bias_timesteps_high() -> None:
 def contrast_words(weight: float, margin: float = 0.005) -> None:
     """Pre-training adds ``weight * relu(margin - (loss(x_A | word of B) - loss(x_A | word of A)))``, B being
     the next element of the batch: each reference's word must denoise its own image better than another
-    reference's word does (a lever; one more text-encoder and UNet pass per step)."""
+    reference's word does (a lever; one more text-encoder and UNet pass per step). It replaces
+    ``training_step`` for this script's fp32 pre-training only: no autocast, no loss mask."""
     import torch
 
     import e4tcli.training.pretrain as pretrain

@@ -83,31 +83,16 @@ def test_minifaces_quality_runs_every_kind_of_method():
     assert all(rows[m]["tune_seconds"] > 0 for m in ("e4t-1", "ti-2", "dreambooth-2"))
 
 
+TINY_CURVE = (
+    *("--steps", "2", "--evaluate-at", "1", "--portraits", "8", "--batch-size", "2"),
+    *("--identities", "2", "--seeds-per-prompt", "1", "--sampling-steps", "2", "--methods", "e4t-0", "--threads", "1"),
+)
+"""Two pre-training steps on 8 portraits, checkpoints 1 and 2 scored on 2 identities."""
+
+
 @pytest.mark.slow
 def test_minifaces_curve_pretrains_and_scores_its_checkpoints(tmp_path):
-    report = run(
-        "minifaces_curve.py",
-        "--work",
-        str(tmp_path),
-        "--steps",
-        "2",
-        "--evaluate-at",
-        "1",
-        "--portraits",
-        "8",
-        "--batch-size",
-        "2",
-        "--identities",
-        "2",
-        "--seeds-per-prompt",
-        "1",
-        "--sampling-steps",
-        "2",
-        "--methods",
-        "e4t-0",
-        "--threads",
-        "1",
-    )
+    report = run("minifaces_curve.py", "--work", str(tmp_path), *TINY_CURVE)
     assert [(row["step"], row["portraits seen"], row["method"]) for row in report["rows"]] == [
         (1, 2, "e4t-0"),
         (2, 4, "e4t-0"),
@@ -121,28 +106,11 @@ def test_minifaces_curve_levers_run_and_frozen_offsets_stay_put(tmp_path):
         "minifaces_curve.py",
         "--work",
         str(tmp_path),
-        "--steps",
-        "2",
-        "--evaluate-at",
-        "1",
-        "--portraits",
-        "8",
-        "--batch-size",
-        "2",
-        "--identities",
-        "2",
-        "--seeds-per-prompt",
-        "1",
-        "--sampling-steps",
-        "2",
-        "--methods",
-        "e4t-0",
+        *TINY_CURVE,
         "--timestep-bias",
         "--contrastive",
         "1",
         "--frozen-offsets",
-        "--threads",
-        "1",
     )
     assert all(
         len(row["per attribute (head skin eyes spacing mouth hair colour)"].split()) == 7 for row in report["rows"]
