@@ -56,7 +56,7 @@ class BuildSettings:
     refine_full_descriptions: bool = True
     """The second round's captions name every visible attribute (a curriculum: the first round binds the scene
     words on short captions, the second adds the attribute words)."""
-    backbone_steps: int = 400
+    backbone_steps: int = 1600
     domain_steps: int = 2000
     domain_images: int = 10000
     reader_steps: int = 1000
