@@ -72,6 +72,12 @@ def main(argv=None) -> int:
         "--e4t-lambda-emb", type=float, help="E4T's tuning weight of ||offset||^2 (default: the domain's)"
     )
     parser.add_argument(
+        "--e4t-offset-lr",
+        type=float,
+        help="E4T's tuning learning rate of the weight offsets (default: the domain's offset rate, else --e4t-lr's)",
+    )
+    parser.add_argument("--e4t-batch-size", type=int, help="E4T's tuning batch size (default: the domain's)")
+    parser.add_argument(
         "--concept-precision", default="int8", help="how E4T's concept file stores its tensors (int8, fp16, fp32)"
     )
     parser.add_argument(
@@ -101,6 +107,8 @@ def main(argv=None) -> int:
         seed=args.seed,
         e4t_learning_rate=args.e4t_lr,
         e4t_lambda_emb=args.e4t_lambda_emb,
+        e4t_offset_learning_rate=args.e4t_offset_lr,
+        e4t_batch_size=args.e4t_batch_size,
         concept_precision=args.concept_precision,
         encoder_every=args.encoder_every,
     )

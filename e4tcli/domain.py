@@ -22,6 +22,9 @@ class PhaseDefaults:
     resolution: int
     lambda_emb: float
     """Weight of ``||offset||^2``, the encoder-output regulariser."""
+    offset_learning_rate: Optional[float] = None
+    """The weight offsets' own learning rate (default: ``learning_rate``). In a handful of tuning steps,
+    offsets at a rate that suits the encoder barely move; a higher rate lets them take part."""
 
 
 OFFSET_KINDS = ("paper", "lowrank")
@@ -192,6 +195,8 @@ def validate_domain(domain: Any) -> list[str]:
             continue
         for f in fields(phase):
             value = getattr(phase, f.name)
+            if value is None and f.name == "offset_learning_rate":
+                continue
             if not isinstance(value, (int, float)) or value < 0 or (value == 0 and f.name != "lambda_emb"):
                 problems.append(f"{phase_name}.{f.name} must be a positive number, got {value!r}")
     offsets = domain.offsets

@@ -163,6 +163,12 @@ class TuneOptions:
     )
     batch_size: Optional[int] = option(None, "Batch size (default: the domain's).", minimum=1)
     learning_rate: Optional[float] = learning_rate_option()
+    offset_learning_rate: Optional[float] = option(
+        None,
+        "Learning rate of the weight offsets (default: the domain's offset rate, else --lr's).",
+        names=("--offset-lr",),
+        minimum=0.0,
+    )
     resolution: Optional[int] = option(
         None, "Training resolution (default: the checkpoint's, else the domain's).", minimum=8
     )

@@ -435,6 +435,8 @@ def test_lowrank_offsets_on_attention_and_resnets_end_to_end(tiny_sd, tiny_backb
             str(concept),
             "--lambda-emb",
             "0.5",
+            "--offset-lr",
+            "0.02",
             "--json",
         ],
     )
@@ -443,6 +445,7 @@ def test_lowrank_offsets_on_attention_and_resnets_end_to_end(tiny_sd, tiny_backb
 
     loaded = load_concept(concept)
     assert loaded.info["offsets"]["kind"] == "lowrank" and loaded.info["tuning"]["lambda_emb"] == 0.5
+    assert loaded.info["tuning"]["offset_learning_rate"] == 0.02
     assert loaded.info["offsets"]["layers"] == "attention+resnets"
     column = next(v for k, v in loaded.tensors.items() if k.endswith(".column"))
     assert column.shape[1] == 2

@@ -189,7 +189,14 @@ def test_domain_defaults_are_plain_data():
         dataset=len,
     )
     defaults = domain.defaults()
-    assert defaults["tune"] == {"steps": 1, "learning_rate": 1e-4, "batch_size": 1, "resolution": 64, "lambda_emb": 0.1}
+    assert defaults["tune"] == {
+        "steps": 1,
+        "learning_rate": 1e-4,
+        "batch_size": 1,
+        "resolution": 64,
+        "lambda_emb": 0.1,
+        "offset_learning_rate": None,
+    }
     assert defaults["prompt_templates"] == ["S*"]
     assert defaults["dataset"] == "builtins.len"
     assert defaults["offsets"] == {"kind": "paper", "rank": 4, "layers": "attention"}

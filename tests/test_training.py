@@ -1,5 +1,6 @@
 """Tuning and pre-training on the tiny model: what changes, what doesn't, what round-trips."""
 
+import pytest
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image
@@ -11,7 +12,7 @@ from e4tcli.io.concept import load_concept
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.encoder import EncoderConfig
 from e4tcli.models.loading import backbone_features, load_backbone, load_base_model
-from e4tcli.models.weight_offsets import OffsetConfig
+from e4tcli.models.weight_offsets import OffsetConfig, offset_parameters
 from e4tcli.training.images import latent_distribution, square_resize, to_pixels
 from e4tcli.training.step import Batch, training_step
 from e4tcli.training.tune import TuneSettings, tune_concept
@@ -84,6 +85,34 @@ def test_tuning_lowers_the_loss_and_leaves_base_weights_bit_identical(
         name: p for module in (model.unet, model.text_encoder, model.vae) for name, p in module.named_parameters()
     }
     assert all(torch.equal(current[name], value) for name, value in frozen.items())
+
+
+def test_offsets_take_their_own_learning_rate(tiny_checkpoint, tiny_sd, tiny_backbone, photo_folder):
+    """Adam's first step moves every parameter with a gradient by its group's rate, so the largest move of
+    the encoder and of the offsets each equals the rate they were given."""
+    model, _ = model_from_checkpoint(tiny_checkpoint, str(tiny_sd))
+    image = Image.open(photo_folder / "chelsea.png").convert("RGB")
+    features = backbone_features(load_backbone(str(tiny_backbone)), [square_resize(image, 64)], (2, 4))
+    encoder_before = [p.detach().clone() for p in model.encoder.parameters()]
+    offsets_before = [p.detach().clone() for p in offset_parameters(model.offsets)]
+    settings = TuneSettings(
+        steps=1,
+        learning_rate=1e-4,
+        batch_size=2,
+        resolution=64,
+        lambda_emb=0.1,
+        lambda_weights=1e-4,
+        offset_learning_rate=1e-2,
+    )
+    tune_concept(
+        model, image, features, ("a photo of S*",), settings, DDPMScheduler.from_config(model.base.scheduler_config)
+    )
+
+    def largest_move(before, after):
+        return max(float((b - a.detach()).abs().max()) for b, a in zip(before, after))
+
+    assert largest_move(encoder_before, model.encoder.parameters()) == pytest.approx(1e-4, rel=0.01)
+    assert largest_move(offsets_before, offset_parameters(model.offsets)) == pytest.approx(1e-2, rel=0.01)
 
 
 def test_concept_round_trip_reproduces_the_tuned_model_exactly(

@@ -163,7 +163,15 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress:
     resolution = options.resolution or default_resolution
     square = square_resize(image, resolution)
     features = backbone_features(backbone, [square], model.encoder_config.backbone_layers)
-    settings = TuneSettings(**phase_values(options, defaults, domain), resolution=resolution, seed=options.seed)
+    offset_learning_rate = options.offset_learning_rate
+    if offset_learning_rate is None:
+        offset_learning_rate = defaults.offset_learning_rate
+    settings = TuneSettings(
+        **phase_values(options, defaults, domain),
+        resolution=resolution,
+        seed=options.seed,
+        offset_learning_rate=offset_learning_rate,
+    )
     mask = domain.loss_mask(image) if domain.loss_mask is not None else None
     losses = tune_concept(
         model, square, features, domain.prompt_templates, settings, training_scheduler(base), mask, on_step

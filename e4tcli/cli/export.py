@@ -8,6 +8,7 @@ import typer
 from e4tcli.cli.options import BaseModelOption, DeviceOption, ForceFlag, JsonFlag, PrecisionOption
 from e4tcli.cli.output import print_json, reports_errors, stdout_console
 from e4tcli.errors import UsageError
+from e4tcli.export import DEFAULT_RANK
 
 
 def parse_rank(value: str) -> int:
@@ -30,7 +31,9 @@ def export(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the files into.")],
-    rank: Annotated[Optional[str], typer.Option("--rank", help="LoRA rank per layer, or 'full' (default: 4).")] = None,
+    rank: Annotated[
+        Optional[str], typer.Option("--rank", help=f"LoRA rank per layer, or 'full' (default: {DEFAULT_RANK}).")
+    ] = None,
     token: Annotated[
         Optional[str],
         typer.Option("--token", help="The word to type in prompts (default: from the concept's file name)."),
@@ -43,7 +46,7 @@ def export(
 ) -> None:
     """Export a concept as a textual-inversion embedding and a LoRA that other tools load."""
     from e4tcli.cli.quiet import quiet_heavy_imports
-    from e4tcli.export import DEFAULT_RANK, ExportOptions
+    from e4tcli.export import ExportOptions
     from e4tcli.export import export as run_export
 
     options = ExportOptions(

@@ -9,7 +9,7 @@ import torch
 from e4tcli.domain import PLACEHOLDER, plain_templates
 from e4tcli.errors import RuntimeFailure
 from e4tcli.models.e4t import E4TModel
-from e4tcli.models.weight_offsets import shared_factors
+from e4tcli.models.weight_offsets import offset_parameters, shared_factors
 from e4tcli.training.images import latent_distribution, mask_to_latent, square_resize, to_pixels
 from e4tcli.training.step import Batch, StepLosses, training_step
 
@@ -26,13 +26,22 @@ class TuneSettings:
     weight_decay: float = 0.0
     flip: bool = True
     """Light augmentation: the batch mixes the image and its mirror image."""
+    offset_learning_rate: Optional[float] = None
+    """The weight offsets' learning rate (default: ``learning_rate``)."""
 
 
-def optimizer_for(model: E4TModel, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the encoder and the weight offsets, constant learning rate."""
-    return torch.optim.AdamW(
-        model.trainable_parameters(), lr=learning_rate, weight_decay=weight_decay, **fastest_adamw(model)
-    )
+def optimizer_for(
+    model: E4TModel, learning_rate: float, weight_decay: float, offset_learning_rate: Optional[float] = None
+) -> torch.optim.Optimizer:
+    """AdamW over the encoder and the weight offsets, constant learning rates (the offsets' own, if given)."""
+    if offset_learning_rate is None:
+        groups: list = model.trainable_parameters()
+    else:
+        groups = [
+            {"params": list(model.encoder.parameters())},
+            {"params": list(offset_parameters(model.offsets)), "lr": offset_learning_rate},
+        ]
+    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, **fastest_adamw(model))
 
 
 def fastest_adamw(model: E4TModel) -> dict[str, bool]:
@@ -84,7 +93,7 @@ def tune_concept(
     with torch.no_grad(), model.placement.autocast:
         class_states = dict(zip(prompt_templates, model.encode_text(model.tokenize(class_prompts))))
 
-    optimizer = optimizer_for(model, settings.learning_rate, settings.weight_decay)
+    optimizer = optimizer_for(model, settings.learning_rate, settings.weight_decay, settings.offset_learning_rate)
     # fp16 activations need loss scaling so small gradients do not underflow (bf16 and fp32 do not).
     scaler = torch.amp.GradScaler(device.type, enabled=model.placement.dtype == torch.float16)
     history = []

@@ -67,6 +67,10 @@ class EvalSettings:
     """E4T's tuning learning rate (default: the domain's)."""
     e4t_lambda_emb: Optional[float] = None
     """E4T's tuning weight of ``||offset||^2`` (default: the domain's)."""
+    e4t_offset_learning_rate: Optional[float] = None
+    """E4T's tuning learning rate of the weight offsets (default: the domain's)."""
+    e4t_batch_size: Optional[int] = None
+    """E4T's tuning batch size (default: the domain's)."""
     concept_precision: str = "int8"
     """How E4T's concept file stores its tensors (``e4t tune --save-precision``)."""
     encoder_every: int = 1
@@ -287,11 +291,12 @@ def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_o
         tuning = TuneSettings(
             steps=steps,
             learning_rate=settings.e4t_learning_rate or tune.learning_rate,
-            batch_size=tune.batch_size,
+            batch_size=settings.e4t_batch_size or tune.batch_size,
             resolution=world.RESOLUTION,
             lambda_emb=tune.lambda_emb if settings.e4t_lambda_emb is None else settings.e4t_lambda_emb,
             lambda_weights=domain.lambda_weights,
             seed=0,
+            offset_learning_rate=settings.e4t_offset_learning_rate or tune.offset_learning_rate,
         )
         try:
             tune_concept(
