@@ -67,7 +67,9 @@ def main(argv=None) -> int:
         default=1234,
         help="draws the held-out identities and the sampling noise (another seed: other identities)",
     )
-    parser.add_argument("--e4t-lr", type=float, help="E4T's tuning learning rate (default: the domain's)")
+    parser.add_argument(
+        "--e4t-lr", type=float, help="E4T's tuning learning rate of the encoder (default: the domain's)"
+    )
     parser.add_argument(
         "--e4t-lambda-emb", type=float, help="E4T's tuning weight of ||offset||^2 (default: the domain's)"
     )

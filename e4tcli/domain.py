@@ -8,8 +8,8 @@ PLACEHOLDER = "S*"
 
 FALLBACK_STEPS = 10
 """Tuning steps without a domain checkpoint (both encoder head and offsets start at zero): on minifaces,
-the fewest measured steps whose identity margin reaches the pre-trained domain's 5-step figure
-(docs/minifaces.md, "Without a domain checkpoint"). Not measured on Stable Diffusion."""
+the fewest measured steps whose identity margin comes within 0.02 of the pre-trained domain's 5-step
+figure (docs/minifaces.md, "Without a domain checkpoint"). Not measured on Stable Diffusion."""
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,9 @@ class PhaseDefaults:
     lambda_emb: float
     """Weight of ``||offset||^2``, the encoder-output regulariser."""
     offset_learning_rate: Optional[float] = None
-    """The weight offsets' own learning rate (default: ``learning_rate``). In a handful of tuning steps,
-    offsets at a rate that suits the encoder barely move; a higher rate lets them take part."""
+    """The weight offsets' own tuning rate (default: ``learning_rate``). In a handful of tuning steps,
+    offsets at a rate that suits the encoder barely move; a higher rate lets them take part. Tuning only
+    (``tune`` and ``fallback``): pre-training trains the offsets at ``learning_rate``."""
 
 
 OFFSET_KINDS = ("paper", "lowrank")

@@ -96,10 +96,6 @@ def lambda_weights_option():
     return option(None, "Weight of ||dW||^2 (default: the domain's).", minimum=0.0)
 
 
-def learning_rate_option():
-    return option(None, "Learning rate (default: the domain's).", names=("--lr",), minimum=0.0)
-
-
 # ------------------------------------------------------------------ pretrain
 @dataclass
 class PretrainOptions:
@@ -113,7 +109,9 @@ class PretrainOptions:
     backbone: Optional[str] = option(None, "CLIP vision tower: a hub id or a local folder.")
     steps: Optional[int] = option(None, "Training steps (default: the domain's).", minimum=1)
     batch_size: Optional[int] = option(None, "Global batch size (default: the domain's).", minimum=1)
-    learning_rate: Optional[float] = learning_rate_option()
+    learning_rate: Optional[float] = option(
+        None, "Learning rate (default: the domain's).", names=("--lr",), minimum=0.0
+    )
     resolution: Optional[int] = option(None, "Training resolution (default: the domain's).", minimum=8)
     seed: int = option(0, "Random seed.")
     offsets: Optional[str] = option(None, "'paper' (E4T) or 'lowrank' (default: the domain's).", choices=OFFSET_KINDS)
@@ -162,7 +160,13 @@ class TuneOptions:
         None, "Optimisation steps (default: the domain's; more without a domain checkpoint).", minimum=0
     )
     batch_size: Optional[int] = option(None, "Batch size (default: the domain's).", minimum=1)
-    learning_rate: Optional[float] = learning_rate_option()
+    learning_rate: Optional[float] = option(
+        None,
+        "The encoder's learning rate, and the offsets' where neither --offset-lr nor the domain sets theirs"
+        " (default: the domain's).",
+        names=("--lr",),
+        minimum=0.0,
+    )
     offset_learning_rate: Optional[float] = option(
         None,
         "Learning rate of the weight offsets (default: the domain's offset rate, else --lr's).",

@@ -290,13 +290,15 @@ def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_o
             parameter.requires_grad_(tune_offsets)
         tuning = TuneSettings(
             steps=steps,
-            learning_rate=settings.e4t_learning_rate or tune.learning_rate,
-            batch_size=settings.e4t_batch_size or tune.batch_size,
+            learning_rate=tune.learning_rate if settings.e4t_learning_rate is None else settings.e4t_learning_rate,
+            batch_size=tune.batch_size if settings.e4t_batch_size is None else settings.e4t_batch_size,
             resolution=world.RESOLUTION,
             lambda_emb=tune.lambda_emb if settings.e4t_lambda_emb is None else settings.e4t_lambda_emb,
             lambda_weights=domain.lambda_weights,
             seed=0,
-            offset_learning_rate=settings.e4t_offset_learning_rate or tune.offset_learning_rate,
+            offset_learning_rate=tune.offset_learning_rate
+            if settings.e4t_offset_learning_rate is None
+            else settings.e4t_offset_learning_rate,
         )
         try:
             tune_concept(
