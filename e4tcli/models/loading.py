@@ -62,6 +62,15 @@ def load_base_model(source: str, device=None, dtype=None) -> BaseModel:
     dtype = dtype or torch.float32
     _quiet_progress_bars()
     try:
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
+    except (OSError, ValueError) as error:
+        raise _not_found("base model", source, error, "--base-model") from None
+    if unet_config.get("addition_embed_type") == "text_time":
+        raise UsageError(
+            f"'{source}' is a Stable Diffusion XL model, which e4t does not support yet",
+            hint="pass --base-model a Stable Diffusion 1.x or 2.x model",
+        )
+    try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True)
