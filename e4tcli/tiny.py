@@ -10,7 +10,8 @@ tokenizer (see ``e4tcli.clip_bpe``), so token ids match real checkpoints.
 Weights are random but deterministic: ``torch.manual_seed`` runs before each
 model is constructed.
 
-Usage: ``python -m e4tcli.tiny OUT_DIR`` builds OUT_DIR/sd and OUT_DIR/backbone.
+Usage: ``python -m e4tcli.tiny OUT_DIR [--sdxl]`` builds OUT_DIR/sd and OUT_DIR/backbone, and with
+``--sdxl`` a tiny Stable Diffusion XL folder OUT_DIR/sdxl.
 """
 
 from __future__ import annotations
@@ -133,11 +134,96 @@ def build_tiny_base_model(
     return out
 
 
-def clip_text_encoder(width: int, layers: int = 2):
-    """A small CLIPTextModel with the real CLIP vocabulary and special-token ids (random weights)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_tiny_sdxl(out_dir: str | Path, *, text_width: int = 32, resolution: int = 64, seed: int = 0) -> Path:
+    """Save a tiny Stable Diffusion XL folder: two text encoders (the second with a projection, whose
+    pooled output and the size/crop time ids condition the UNet through ``added_cond_kwargs``), their two
+    tokenizers, a UNet with ``addition_embed_type="text_time"``, the VAE and SDXL's Euler scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-    return CLIPTextModel(
+    from e4tcli.clip_bpe import write_tokenizer_files
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    time_embed_dim = 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * text_width,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=text_width + 6 * time_embed_dim,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+    torch.manual_seed(seed)
+    text_encoder = clip_text_encoder(text_width)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = clip_text_encoder(text_width, with_projection=True)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    with _no_progress_bars():
+        for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+            model.save_pretrained(out / name, safe_serialization=True)
+        text_encoder_2.save_pretrained(out / "text_encoder_2", safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    write_tokenizer_files(out / "tokenizer")
+    write_tokenizer_files(out / "tokenizer_2")
+    write_sdxl_model_index(out)
+    return out
+
+
+def write_sdxl_model_index(out: Path) -> None:
+    """``model_index.json`` of a Stable Diffusion XL folder, written by hand as ``write_model_index`` is."""
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (Path(out) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def clip_text_encoder(width: int, layers: int = 2, with_projection: bool = False):
+    """A small CLIP text encoder with the real CLIP vocabulary and special-token ids (random weights);
+    ``with_projection``: SDXL's second encoder, whose projected pooled output conditions the UNet."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(
         CLIPTextConfig(
             vocab_size=CLIP_VOCAB_SIZE,
             hidden_size=width,
@@ -214,12 +300,16 @@ def build_tiny_backbone(out_dir: str | Path, *, seed: int = 0, image_size: int =
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m e4tcli.tiny OUT_DIR", file=sys.stderr)
+    sdxl = "--sdxl" in args
+    folders = [a for a in args if a != "--sdxl"]
+    if len(folders) != 1 or any(a.startswith("-") for a in folders):
+        print("usage: python -m e4tcli.tiny OUT_DIR [--sdxl]", file=sys.stderr)
         return 2
-    root = Path(args[0])
+    root = Path(folders[0])
     print(build_tiny_base_model(root / "sd"))
     print(build_tiny_backbone(root / "backbone"))
+    if sdxl:
+        print(build_tiny_sdxl(root / "sdxl"))
     return 0
 
 

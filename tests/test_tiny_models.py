@@ -131,3 +131,24 @@ def test_backbone_hidden_states(tiny_backbone):
     for h in out.hidden_states:
         assert h.shape == (2, 1 + (32 // 8) ** 2, 32)
         assert h[:, 0].shape == (2, 32)  # CLS token
+
+
+def test_tiny_sdxl_draws_with_the_diffusers_pipeline(tmp_path):
+    """The tiny SDXL folder has SDXL's layout: two text encoders whose states are concatenated for
+    cross-attention, the second's projected pooled output and the time ids through ``added_cond_kwargs``."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from e4tcli.tiny import build_tiny_sdxl
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(tmp_path / "sdxl"))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    widths = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert pipe.unet.config.cross_attention_dim == widths
+    out = pipe(
+        "a photo of a cat", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    )
+    image = np.asarray(out.images[0])
+    assert image.shape == (64, 64, 3) and image.std() > 0
