@@ -85,7 +85,7 @@ def build_tiny_base_model(
     cross). The VAE downsamples by 8 (64 px -> 8x8x4 latents).
     """
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from e4tcli.clip_bpe import write_tokenizer_files
 
@@ -109,17 +109,7 @@ def build_tiny_base_model(
     )
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
-    )
+    vae = tiny_vae(resolution)
 
     torch.manual_seed(seed)
     text_encoder = clip_text_encoder(text_width)
@@ -139,7 +129,7 @@ def build_tiny_sdxl(out_dir: str | Path, *, text_width: int = 32, resolution: in
     pooled output and the size/crop time ids condition the UNet through ``added_cond_kwargs``), their two
     tokenizers, a UNet with ``addition_embed_type="text_time"``, the VAE and SDXL's Euler scheduler."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
     from e4tcli.clip_bpe import write_tokenizer_files
 
@@ -164,17 +154,7 @@ def build_tiny_sdxl(out_dir: str | Path, *, text_width: int = 32, resolution: in
         norm_num_groups=8,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
-    )
+    vae = tiny_vae(resolution)
     torch.manual_seed(seed)
     text_encoder = clip_text_encoder(text_width)
     torch.manual_seed(seed + 1)
@@ -215,6 +195,23 @@ def write_sdxl_model_index(out: Path) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (Path(out) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def tiny_vae(resolution: int):
+    """A small VAE that downsamples by 8, as Stable Diffusion's does (random weights)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
 
 
 def clip_text_encoder(width: int, layers: int = 2, with_projection: bool = False):
