@@ -12,6 +12,12 @@
   123 M) and a ViT-H/14-shaped CLIP vision tower (632 M) as the encoder
   backbone. For GPUs and for counting parameters (build it on
   ``torch.device("meta")``).
+- ``tiny-sdxl``, ``medium-sdxl``, ``sdxl``: the same three for Stable Diffusion
+  XL: ``e4tcli.tiny``'s SDXL folder; the SDXL layout (three levels, the last
+  two with 2 and 4 transformer blocks instead of 2 and 10, two text encoders
+  of widths 768 and 1280 with 2 layers each, the pooled embedding and time ids)
+  at 128 px; and the exact SDXL shapes (UNet 2.6 G, CLIP ViT-L 123 M and
+  OpenCLIP bigG 695 M text encoders) at 1024 px.
 
 ``medium`` and ``sd15`` are built in memory; only the tokenizer goes through
 a temp folder (``CLIPTokenizer`` reads files). Weights are random but seeded.
@@ -31,9 +37,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
+from e4tcli.models.family import ModelFamily, StableDiffusionXL
 from e4tcli.models.loading import Backbone, BaseModel
 
-SIZES = ("tiny", "medium", "sd15")
+SIZES = ("tiny", "medium", "sd15", "tiny-sdxl", "medium-sdxl", "sdxl")
 SD15_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
@@ -46,6 +53,8 @@ class SizeSpec:
     vae: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     vision: dict = field(default_factory=dict)
+    text_2: dict = field(default_factory=dict)
+    """SDXL's second text encoder (with a projection); empty for SD 1.x/2.x."""
 
 
 MEDIUM = SizeSpec(
@@ -99,12 +108,69 @@ SD15 = SizeSpec(
     ),
 )
 
-SPECS = {"medium": MEDIUM, "sd15": SD15}
+SDXL_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+SDXL_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+SDXL_TEXT_TIME = dict(
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=1280 + 6 * 256,
+    use_linear_projection=True,
+)
+
+MEDIUM_SDXL = SizeSpec(
+    name="medium-sdxl",
+    resolution=128,
+    unet=dict(
+        sample_size=16,
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 4),
+        down_block_types=SDXL_DOWN,
+        up_block_types=SDXL_UP,
+        cross_attention_dim=768 + 1280,
+        attention_head_dim=(2, 4, 8),
+        norm_num_groups=32,
+        **SDXL_TEXT_TIME,
+    ),
+    vae=MEDIUM.vae,
+    text=MEDIUM.text,
+    text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=2, num_attention_heads=20),
+    vision=MEDIUM.vision,
+)
+
+SDXL = SizeSpec(
+    name="sdxl",
+    resolution=1024,
+    unet=dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        down_block_types=SDXL_DOWN,
+        up_block_types=SDXL_UP,
+        cross_attention_dim=768 + 1280,
+        attention_head_dim=(5, 10, 20),
+        norm_num_groups=32,
+        **SDXL_TEXT_TIME,
+    ),
+    vae={**SD15.vae, "sample_size": 1024},
+    text=SD15.text,
+    text_2=dict(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu"
+    ),
+    vision=SD15.vision,
+)
+
+SPECS = {"medium": MEDIUM, "sd15": SD15, "medium-sdxl": MEDIUM_SDXL, "sdxl": SDXL}
 TINY_RESOLUTION = 64
 
 
 def resolution_of(size: str) -> int:
-    return TINY_RESOLUTION if size == "tiny" else SPECS[size].resolution
+    return TINY_RESOLUTION if size.startswith("tiny") else SPECS[size].resolution
+
+
+def is_sdxl(size: str) -> bool:
+    return size.endswith("sdxl")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -121,6 +187,21 @@ def scheduler_config() -> dict:
         steps_offset=1,
         skip_prk_steps=True,
         prediction_type="epsilon",
+    )
+    return dict(scheduler.config)
+
+
+def sdxl_scheduler_config() -> dict:
+    """SDXL's scheduler: Euler, scaled-linear betas, epsilon, leading spacing."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
     )
     return dict(scheduler.config)
 
@@ -162,19 +243,19 @@ def build_vae(spec: SizeSpec):
     )
 
 
-def build_text_encoder(spec: SizeSpec):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(text: dict, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=49408,
         max_position_embeddings=77,
-        projection_dim=spec.text["hidden_size"],
+        projection_dim=text["hidden_size"],
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
-        **spec.text,
+        **text,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def build_vision(spec: SizeSpec):
@@ -192,13 +273,14 @@ def _place(modules, device, dtype):
 # --------------------------------------------------------------------------- public
 def build_base(size: str, device="cpu", dtype=torch.float32, seed: int = 0) -> BaseModel:
     """A frozen random-weight ``BaseModel`` of ``size`` on ``device`` in ``dtype``."""
-    if size == "tiny":
+    if size.startswith("tiny"):
         from e4tcli.models.loading import load_base_model
-        from e4tcli.tiny import build_tiny_base_model
+        from e4tcli.tiny import build_tiny_base_model, build_tiny_sdxl
 
+        build_tiny = build_tiny_sdxl if is_sdxl(size) else build_tiny_base_model
         with tempfile.TemporaryDirectory() as tmp:
-            base = load_base_model(str(build_tiny_base_model(Path(tmp) / "sd", seed=seed)), device, dtype)
-        base.source = "tiny"
+            base = load_base_model(str(build_tiny(Path(tmp) / "model", seed=seed)), device, dtype)
+        base.source = size
         return base
     spec = SPECS[size]
     # Construct directly on the target device: initialising SD 1.5 on a CPU takes ~20 s.
@@ -208,14 +290,22 @@ def build_base(size: str, device="cpu", dtype=torch.float32, seed: int = 0) -> B
         torch.manual_seed(seed)
         vae = build_vae(spec)
         torch.manual_seed(seed)
-        text_encoder = build_text_encoder(spec)
-    _place((unet, vae, text_encoder), device, dtype)
-    return BaseModel(size, tokenizer(), text_encoder, vae, unet, scheduler_config(), "random")
+        text_encoders = [build_text_encoder(spec.text)]
+        if spec.text_2:
+            torch.manual_seed(seed + 1)
+            text_encoders.append(build_text_encoder(spec.text_2, with_projection=True))
+    _place((unet, vae, *text_encoders), device, dtype)
+    if spec.text_2:
+        family, scheduler = StableDiffusionXL(pooled_width=spec.text_2["hidden_size"]), sdxl_scheduler_config()
+    else:
+        family, scheduler = ModelFamily(), scheduler_config()
+    tokenizers = tuple(tokenizer() for _ in text_encoders)
+    return BaseModel(size, family, tokenizers, tuple(text_encoders), vae, unet, scheduler, "random")
 
 
 def build_backbone(size: str, device="cpu", dtype=torch.float32, seed: int = 0) -> Backbone:
     """A frozen random-weight CLIP vision tower and a matching image processor."""
-    if size == "tiny":
+    if size.startswith("tiny"):
         from e4tcli.models.loading import load_backbone
         from e4tcli.tiny import build_tiny_backbone
 
@@ -237,7 +327,7 @@ def build_backbone(size: str, device="cpu", dtype=torch.float32, seed: int = 0) 
 
 def vision_config(size: str):
     """The backbone's ``CLIPVisionConfig`` (all the encoder needs to know of it)."""
-    if size == "tiny":
+    if size.startswith("tiny"):
         return build_backbone("tiny").model.config
     from transformers import CLIPVisionConfig
 
@@ -258,7 +348,7 @@ def encoder_config_for(base: BaseModel, backbone_config, hidden_dim: int = 768):
         backbone_hidden_size=backbone_config.hidden_size,
         backbone_layers=EncoderConfig.every_second_layer(backbone_config.num_hidden_layers),
         unet_channels=unet_channels(base.unet),
-        embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1],
+        embedding_dim=sum(encoder.get_input_embeddings().weight.shape[1] for encoder in base.text_encoders),
         hidden_dim=hidden_dim,
     )
 
@@ -275,12 +365,13 @@ def text_unet_flop_ratio(base: BaseModel, size: str) -> float:
     device = base.unet.device
     side = resolution_of(size) // 8
     latents = torch.zeros(1, 4, side, side, device=device, dtype=base.unet.dtype)
-    ids = torch.zeros(1, 77, dtype=torch.long, device=device)
+    ids = base.family.tokenize(base.tokenizers, [""]).to(device)
     with torch.no_grad():
         with FlopCounterMode(display=False) as text:
-            states = base.text_encoder(ids)[0]
+            states = base.family.encode(base.text_encoders, ids)
         with FlopCounterMode(display=False) as unet:
-            base.unet(latents, torch.tensor([10], device=device), encoder_hidden_states=states)
+            conditioning = base.family.unet_conditioning(states, (side * 8, side * 8))
+            base.unet(latents, torch.tensor([10], device=device), **conditioning)
     return text.get_total_flops() / unet.get_total_flops()
 
 

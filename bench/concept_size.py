@@ -1,4 +1,4 @@
-"""Size on disk of a concept file and of a domain checkpoint at SD 1.5 shapes.
+"""Size on disk of a concept file and of a domain checkpoint at SD 1.5 (or SDXL) shapes.
 
 What it computes, from parameter counts (nothing is downloaded):
 
@@ -29,7 +29,10 @@ Why: concepts are meant to be shared like LoRAs, not 4 GB UNets.
 TARGET: a concept file <= 10 MB (MB = 10^6 bytes here); its kohya export
 (``e4t export --format kohya``: LoRA + embedding) < 10 MB at the default rank.
 
-Usage: .venv/bin/python bench/concept_size.py [--rank 4] [--no-write] [--json]
+``--model sdxl``: the same at SDXL's shapes (UNet 2.6 G, the token width 768 + 1280 of its two text
+encoders, the embedding exported as ``clip_l`` and ``clip_g``), with the same ViT-H/14 backbone.
+
+Usage: .venv/bin/python bench/concept_size.py [--model sd15|sdxl] [--rank 4] [--no-write] [--json]
 """
 
 import argparse
@@ -55,6 +58,27 @@ class Config:
     rank: int = 4
     write: bool = True
     json: bool = False
+    model: str = "sd15"
+
+
+@dataclass
+class ModelShapes:
+    label: str
+    spec: common.SizeSpec
+    token_widths: tuple[int, ...]
+    """The text encoders' token widths: one per embedding table ``S*`` is a word of."""
+
+    def embedding_file(self) -> dict[str, torch.Tensor]:
+        """``e4t export --format kohya``'s embedding file, zeros."""
+        if len(self.token_widths) == 1:
+            return {"emb_params": torch.zeros(1, self.token_widths[0])}
+        return {"clip_l": torch.zeros(1, self.token_widths[0]), "clip_g": torch.zeros(1, self.token_widths[1])}
+
+
+MODELS = {
+    "sd15": ModelShapes("SD 1.5", common.SD15, (768,)),
+    "sdxl": ModelShapes("SDXL", common.SDXL, (768, 1280)),
+}
 
 
 @dataclass
@@ -133,7 +157,8 @@ def count(unet, encoder_config, offset_config) -> Counts:
     )
 
 
-def sd15_encoder_config(unet):
+def encoder_config_for(unet, shapes: ModelShapes):
+    """As ``e4tcli.api.pretrain`` configures it for this UNet and a ViT-H/14 backbone."""
     from e4tcli.models.e4t import unet_channels
     from e4tcli.models.encoder import EncoderConfig
 
@@ -141,7 +166,7 @@ def sd15_encoder_config(unet):
         backbone_hidden_size=1280,
         backbone_layers=EncoderConfig.every_second_layer(32),
         unet_channels=unet_channels(unet),
-        embedding_dim=768,
+        embedding_dim=sum(shapes.token_widths),
         hidden_dim=768,
     )
 
@@ -211,13 +236,14 @@ def verify_tiny(kind: str, rank: int) -> dict:
     }
 
 
-def sd15_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
+def model_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
     from e4tcli.models.weight_offsets import OffsetConfig
 
+    shapes = MODELS[cfg.model]
     with torch.device("meta"):
         torch.manual_seed(0)
-        unet = common.build_unet(common.SD15)
-    encoder_config = sd15_encoder_config(unet)
+        unet = common.build_unet(shapes.spec)
+    encoder_config = encoder_config_for(unet, shapes)
     rows, parts, measured = [], None, {}
     for kind in ("paper", "lowrank"):
         offset_config = OffsetConfig(kind=kind, rank=cfg.rank)
@@ -227,7 +253,7 @@ def sd15_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
         for precision in ("fp16", "int8"):
             header = None
             if cfg.write:
-                header = measure_sd15_header(unet, encoder_config, offset_config, c, precision)
+                header = measure_header(unet, encoder_config, offset_config, c, precision)
                 measured[kind] = header
             rows.append(
                 {
@@ -253,13 +279,14 @@ def sd15_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
     rows.append(
         {"file": "dreambooth UNet fp16", "offsets": "-", "offset_params": unet_params, "MB": 2 * unet_params / 1e6}
     )
-    rows.append({"file": "textual inversion fp32", "offsets": "-", "offset_params": 768, "MB": FP32 * 768 / 1e6})
+    width = sum(shapes.token_widths)
+    rows.append({"file": "textual inversion fp32", "offsets": "-", "offset_params": width, "MB": FP32 * width / 1e6})
     meta = {"attention_projections": c.projections, "encoder_config": encoder_config.__dict__}
     return rows, parts, meta
 
 
-def measure_sd15_header(unet, encoder_config, offset_config, counts: Counts, precision: str) -> dict:
-    """Write an SD 1.5-shaped concept of zeros through ``save_concept``; check the size and return it."""
+def measure_header(unet, encoder_config, offset_config, counts: Counts, precision: str) -> dict:
+    """Write a concept of zeros at these shapes through ``save_concept``; check the size and return it."""
     from e4tcli.models.encoder import ConceptEncoder
     from e4tcli.models.weight_offsets import make_offset
 
@@ -282,15 +309,15 @@ def measure_sd15_header(unet, encoder_config, offset_config, counts: Counts, pre
             return {"encoder": asdict(encoder_config), "offsets": asdict(offset_config)}
 
     size, header = write_concept(tensors, concept_info(Described), precision)
-    assert size - 8 - header == counts.concept_bytes(precision), "SD 1.5 concept size does not follow the formula"
+    assert size - 8 - header == counts.concept_bytes(precision), "the concept's size does not follow the formula"
     return {"size": size, "header": header}
 
 
 EXPORT_RANKS = (4, 16, 64)
 
 
-def kohya_export_rows(unet) -> list[dict]:
-    """``e4t export --format kohya`` at SD 1.5 shapes: the LoRA file (every q/k/v projection at the rank,
+def kohya_export_rows(unet, shapes: ModelShapes) -> list[dict]:
+    """``e4t export --format kohya`` at these shapes: the LoRA file (every q/k/v projection at the rank,
     factors in fp16, alphas) and the embedding file, both written (zeros) with export's own code."""
     from e4tcli.export import save_safetensors
     from e4tcli.export.lora import LoraLayer, kohya_tensors
@@ -299,7 +326,7 @@ def kohya_export_rows(unet) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         embedding = Path(tmp) / "token.safetensors"
-        save_safetensors({"emb_params": torch.zeros(1, 768)}, embedding, {"format": "e4t-export", "e4t": "{}"})
+        save_safetensors(shapes.embedding_file(), embedding, {"format": "e4t-export", "e4t": "{}"})
         for rank in EXPORT_RANKS:
             layers = {
                 name: LoraLayer(torch.zeros(rank, in_features), torch.zeros(out_features, rank), 0.0, 0.0)
@@ -323,26 +350,28 @@ def kohya_export_rows(unet) -> list[dict]:
 def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=4, help="rank of the 'lowrank' offsets")
-    parser.add_argument("--no-write", action="store_true", help="do not write the SD 1.5-shaped concept")
+    parser.add_argument("--no-write", action="store_true", help="do not write the full-size concept")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd15", help="whose shapes (default: sd15)")
     args = parser.parse_args(argv)
-    return Config(args.rank, not args.no_write, args.json)
+    return Config(args.rank, not args.no_write, args.json, args.model)
 
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     json_out = common.reserve_stdout_for_json(cfg.json)
-    rows, parts, meta = sd15_rows(cfg)
+    shapes = MODELS[cfg.model]
+    rows, parts, meta = model_rows(cfg)
     with torch.device("meta"):
         torch.manual_seed(0)
-        unet = common.build_unet(common.SD15)
-    exported = kohya_export_rows(unet)
+        unet = common.build_unet(shapes.spec)
+    exported = kohya_export_rows(unet, shapes)
     checks = [verify_tiny("paper", cfg.rank), verify_tiny("lowrank", cfg.rank)]
     concepts = {row["file"]: row for row in rows if row["offsets"] == "paper" and row["file"].startswith("concept")}
     if cfg.json:
         print(
             json.dumps(
-                {"sd15": rows, "encoder_parts": parts, **meta, "exported": exported, "tiny_checks": checks},
+                {cfg.model: rows, "encoder_parts": parts, **meta, "exported": exported, "tiny_checks": checks},
                 indent=2,
                 default=str,
             ),
@@ -350,7 +379,7 @@ def main(argv=None) -> None:
         )
         return
     print(
-        f"SD 1.5 + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; "
+        f"{shapes.label} + ViT-H/14 shapes; {meta['attention_projections']} q/k/v projections; "
         "concepts fp16 or int8 (--save-precision), checkpoints fp32; MB = 1e6 bytes"
     )
     common.print_table(rows, ["file", "offsets", "encoder_params", "offset_params", "MB", "header_kB", "file_MB"])
@@ -358,7 +387,7 @@ def main(argv=None) -> None:
     total = sum(parts.values())
     common.print_table(
         [{"encoder part": k, "params": v, "MB (fp16)": FP16 * v / 1e6, "share": v / total} for k, v in parts.items()],
-        title="domain encoder parameters (SD 1.5 + ViT-H/14); a concept keeps unet_layer and half of head",
+        title=f"domain encoder parameters ({shapes.label} + ViT-H/14); a concept keeps unet_layer and half of head",
     )
     print()
     common.print_table(checks, title="formula check on the tiny model (real concept written with save_concept)")

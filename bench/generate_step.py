@@ -4,9 +4,10 @@ What it measures: seconds per denoising step of
 ``e4tcli.pipeline.generate_images`` (classifier-free guidance, plus at every
 step the encoder's no-grad UNet pass to the mid block, the encoder, a text
 encoder pass for S*, and the q/k/v weight offsets in every UNet call) against
-a plain diffusers ``StableDiffusionPipeline`` built from an untouched copy of
-the same random base model, with the same scheduler class (the base model's
-PNDM), the same initial latents, guidance and step count.
+a plain diffusers pipeline of the base model's family (``StableDiffusionPipeline``,
+or ``StableDiffusionXLPipeline`` for the ``*-sdxl`` sizes) built from an untouched
+copy of the same random base model, with the same scheduler class (the base
+model's: PNDM, or Euler for SDXL), the same initial latents, guidance and step count.
 
 The e4t model is built as ``e4t generate`` builds it: a fresh ``E4TModel``
 (trainable, zero-initialised), its ``concept_state_dict()`` on random
@@ -60,8 +61,6 @@ class Config:
 
 def build(cfg: Config):
     """(e4t model, plain pipeline), sharing nothing that E4T modifies."""
-    from diffusers import StableDiffusionPipeline
-
     from e4tcli.device import choose_placement
     from e4tcli.models.e4t import E4TModel
     from e4tcli.models.placeholder import PlaceholderEmbedding
@@ -81,16 +80,7 @@ def build(cfg: Config):
 
     assert not any(isinstance(m, OffsetLinear) for m in plain.unet.modules()), "baseline has offsets"
     assert not isinstance(plain.text_encoder.get_input_embeddings(), PlaceholderEmbedding), "baseline has S*"
-    pipe = StableDiffusionPipeline(
-        vae=plain.vae,
-        text_encoder=plain.text_encoder,
-        tokenizer=plain.tokenizer,
-        unet=plain.unet,
-        scheduler=sampling_scheduler(plain.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = plain.family.pipeline(plain, plain.unet, sampling_scheduler(plain.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     return model, pipe
 
@@ -123,7 +113,7 @@ def run(cfg: Config) -> dict:
         s = settings(steps)
         return pipe(
             prompt=[s.prompt.replace("S*", CLASS_WORD)] * s.num_images,
-            negative_prompt=[s.negative_prompt] * s.num_images,
+            negative_prompt=[s.negative_prompt] * s.num_images if s.negative_prompt else None,
             latents=initial_latents(model, s),
             num_inference_steps=steps,
             guidance_scale=s.guidance,
@@ -176,6 +166,7 @@ def run(cfg: Config) -> dict:
     ratio = rows[0]["x_plain"]
     return {
         "size": cfg.size,
+        "pipeline_class": type(pipe).__name__,
         "resolution": side,
         "num_images": cfg.num_images,
         "steps": cfg.steps,
@@ -223,7 +214,7 @@ def main(argv=None) -> None:
         f"(CFG batch {2 * cfg.num_images}) steps={cfg.steps} offsets={cfg.offsets} device={result['device']} "
         f"rounds={cfg.rounds} (medians; per step = slope between 1 and {cfg.steps} steps)"
     )
-    print("baseline: StableDiffusionPipeline on a deep copy of the base taken before E4TModel wrapped it")
+    print(f"baseline: {result['pipeline_class']} on a deep copy of the base taken before E4TModel wrapped it")
     common.print_table(result["rows"])
     same = "identical" if result["max_pixel_diff"] == 0 else f"max |diff| {result['max_pixel_diff']}/255"
     print(f"fresh concept vs base model images: {same} (expected identical)")

@@ -126,31 +126,38 @@ def setup_e4t(base, placement, cfg: Config, kind: str) -> Runner:
 
 
 def setup_textual_inversion(base, placement, cfg: Config) -> Runner:
+    from contextlib import ExitStack
+
     from diffusers import DDPMScheduler
 
     from e4tcli.models.placeholder import PlaceholderEmbedding
 
-    tokenizer, text_encoder, unet = base.tokenizer, base.text_encoder, base.unet
-    tokenizer.add_tokens(["S*"])
-    class_id = tokenizer(CLASS_WORD, add_special_tokens=False).input_ids[0]
-    wrapper = PlaceholderEmbedding(text_encoder.get_input_embeddings(), tokenizer.convert_tokens_to_ids("S*"), class_id)
-    text_encoder.set_input_embeddings(wrapper)
-    vector = torch.nn.Parameter(wrapper.weight[class_id].detach().float().clone())
+    wrappers = []
+    for tokenizer, text_encoder in zip(base.tokenizers, base.text_encoders):
+        tokenizer.add_tokens(["S*"])
+        class_id = tokenizer(CLASS_WORD, add_special_tokens=False).input_ids[0]
+        placeholder_id = tokenizer.convert_tokens_to_ids("S*")
+        wrappers.append(PlaceholderEmbedding(text_encoder.get_input_embeddings(), placeholder_id, class_id))
+        text_encoder.set_input_embeddings(wrappers[-1])
+    vector = torch.nn.Parameter(torch.cat([w.weight[w.class_id].detach().float() for w in wrappers]))
+    widths = [w.weight.shape[1] for w in wrappers]
     optimizer = torch.optim.AdamW([vector], lr=5e-3, **fastest_adamw(placement))
     scheduler = DDPMScheduler.from_config(base.scheduler_config)
     device, b = placement.device, cfg.batch_size
     side = common.resolution_of(cfg.size) // 8
     latents = torch.randn(b, 4, side, side, device=device)
-    ids = tokenizer(["a photo of S*"] * b, padding="max_length", max_length=77, return_tensors="pt")
-    ids = ids.input_ids.to(device)
+    ids = base.family.tokenize(base.tokenizers, ["a photo of S*"] * b).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def step():
         noise, timesteps, noisy = noisy_inputs(latents, scheduler, generator)
         with placement.autocast:
-            with wrapper.using(vector[None].expand(b, -1)):
-                states = text_encoder(ids)[0]
-            prediction = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=states).sample
+            with ExitStack() as stack:
+                for wrapper, part in zip(wrappers, torch.split(vector, widths)):
+                    stack.enter_context(wrapper.using(part[None].expand(b, -1)))
+                states = base.family.encode(base.text_encoders, ids)
+            conditioning = base.family.unet_conditioning(states, (side * 8, side * 8))
+            prediction = base.unet(noisy.to(base.unet.dtype), timesteps, **conditioning).sample
         loss = ((prediction.float() - noise) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,23 +174,23 @@ def fastest_adamw(placement) -> dict[str, bool]:
 def setup_dreambooth(base, placement, cfg: Config) -> Runner:
     from diffusers import DDPMScheduler
 
-    text_encoder, unet = base.text_encoder, base.unet
+    unet = base.unet
     unet.to(torch.float32).requires_grad_(True).train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-6, **fastest_adamw(placement))
     scheduler = DDPMScheduler.from_config(base.scheduler_config)
     device, b = placement.device, cfg.batch_size
     side = common.resolution_of(cfg.size) // 8
     latents = torch.randn(b, 4, side, side, device=device)
-    ids = base.tokenizer(["a photo of sks face"] * b, padding="max_length", max_length=77, return_tensors="pt")
-    ids = ids.input_ids.to(device)
+    ids = base.family.tokenize(base.tokenizers, ["a photo of sks face"] * b).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def step():
         noise, timesteps, noisy = noisy_inputs(latents, scheduler, generator)
         with placement.autocast:
             with torch.no_grad():
-                states = text_encoder(ids)[0]
-            prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
+                states = base.family.encode(base.text_encoders, ids)
+            conditioning = base.family.unet_conditioning(states, (side * 8, side * 8))
+            prediction = unet(noisy, timesteps, **conditioning).sample
         loss = ((prediction.float() - noise) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

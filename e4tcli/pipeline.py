@@ -1,4 +1,4 @@
-"""Generation with a concept, wrapping diffusers' StableDiffusionPipeline.
+"""Generation with a concept, wrapping the base model family's diffusers pipeline.
 
 The pipeline does what it always does (classifier-free guidance, the base
 model's scheduler, VAE decoding); e4t only supplies the prompt embeddings,
@@ -44,18 +44,8 @@ def sampling_scheduler(scheduler_config: dict):
 
 
 def build_pipeline(model: E4TModel):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        unet=model.unet,
-        scheduler=sampling_scheduler(model.base.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """The base model's family's diffusers pipeline, drawing with the (offset-wrapped) UNet."""
+    pipe = model.family.pipeline(model.base, model.unet, sampling_scheduler(model.base.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -100,7 +90,7 @@ def generate_images(
     prompt_ids = model.tokenize([settings.prompt] * count)
     class_ids = model.tokenize([settings.prompt.replace(PLACEHOLDER, model.class_word)] * count)
     class_states = model.encode_text(class_ids)
-    negative_states = model.encode_text(model.tokenize([settings.negative_prompt] * count))
+    negative_states = model.negative_states(settings.negative_prompt, count)
     features = None if image_features is None else image_features.to(device).float().expand(count, -1, -1)
 
     reused: list[torch.Tensor] = []
@@ -135,12 +125,11 @@ def generate_images(
         states = conditional_states(
             pipeline.scheduler.scale_model_input(tensors["latents"], upcoming), upcoming, index + 1
         )
-        return {"prompt_embeds": torch.cat([negative_states, states]) if guided else states}
+        return model.family.step_embeds(torch.cat([negative_states, states]) if guided else states)
 
     generators = [torch.Generator(device=device).manual_seed(settings.seed + 10_000 + i) for i in range(count)]
     result = pipe(
-        prompt_embeds=first,
-        negative_prompt_embeds=negative_states,
+        **model.family.pipeline_embeds(first, negative_states),
         latents=latents,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance,
@@ -148,7 +137,7 @@ def generate_images(
         width=settings.width,
         generator=generators,
         callback_on_step_end=on_step_end,
-        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        callback_on_step_end_tensor_inputs=list(model.family.callback_inputs),
         output_type="pil",
     )
     return result.images

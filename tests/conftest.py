@@ -42,6 +42,14 @@ def tiny_sd_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Path of a tiny Stable Diffusion XL folder (64 px, two text encoders of width 32)."""
+    from e4tcli.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory):
     """Path of a tiny CLIP vision tower folder (32 px input, 5 layers, hidden 32)."""
     from e4tcli.tiny import build_tiny_backbone

@@ -55,7 +55,7 @@ def new_model(base, backbone, domain: Domain, placement, **chosen):
         backbone_hidden_size=vision.hidden_size,
         backbone_layers=EncoderConfig.every_second_layer(vision.num_hidden_layers),
         unet_channels=unet_channels(base.unet),
-        embedding_dim=base.text_encoder.get_input_embeddings().weight.shape[1],
+        embedding_dim=sum(encoder.get_input_embeddings().weight.shape[1] for encoder in base.text_encoders),
         hidden_dim=pick("encoder_hidden_dim", domain.encoder.hidden_dim),
         scale=pick("encoder_scale", domain.encoder.scale),
     )
@@ -86,13 +86,13 @@ def checkpointing_by_default(device) -> bool:
 def enable_gradient_checkpointing(model) -> None:
     model.unet.enable_gradient_checkpointing()
     model.unet.train()
-    text_encoder = model.text_encoder
-    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or getattr(
-        text_encoder, "gradient_checkpointing_enable", None
-    )
-    if enable is not None:
-        enable()
-        text_encoder.train()
+    for text_encoder in model.base.text_encoders:
+        enable = getattr(text_encoder, "activation_checkpointing_enable", None) or getattr(
+            text_encoder, "gradient_checkpointing_enable", None
+        )
+        if enable is not None:
+            enable()
+            text_encoder.train()
 
 
 def check_same(kind: str, recorded: dict, actual_source: str, actual_fingerprint: str, flag: str) -> None:

@@ -119,7 +119,7 @@ def generate(options: GenerateOptions, progress: Optional[GenerationProgress] = 
                 images = generate_images(model, batch, pipe, on_step=on_step)
                 for i, image in enumerate(images):
                     path = out / names[first + i]
-                    metadata = png_metadata(settings, concept, base_source, seed=batch.seed + i)
+                    metadata = png_metadata(settings, concept, base_source, model.family.name, seed=batch.seed + i)
                     with atomic_file(path) as tmp:
                         image.save(tmp, format="PNG", pnginfo=png_info(metadata))
                     paths.append(path)
@@ -135,13 +135,13 @@ def generate(options: GenerateOptions, progress: Optional[GenerationProgress] = 
     grid = None
     if grid_name:
         grid = out / names[-1]
-        metadata = png_metadata(settings, concept, base_source, seed=settings.seed)
+        metadata = png_metadata(settings, concept, base_source, model.family.name, seed=settings.seed)
         with atomic_file(grid) as tmp:
             image_grid(paths, max_side=GRID_MAX_SIDE).save(tmp, format="PNG", pnginfo=png_info(metadata))
     return GenerateResult(paths, grid, time.perf_counter() - start, settings.seed, renamed)
 
 
-def png_metadata(settings, concept, base_source: str, seed: int) -> dict[str, str]:
+def png_metadata(settings, concept, base_source: str, family: str, seed: int) -> dict[str, str]:
     parameters = (
         f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\n"
         f"Steps: {settings.steps}, CFG scale: {settings.guidance:g}, Seed: {seed}, "
@@ -158,6 +158,7 @@ def png_metadata(settings, concept, base_source: str, seed: int) -> dict[str, st
         "concept": concept.path.name,
         "concept_domain": concept.info["domain"],
         "base_model": base_source,
+        "model_family": family,
         "e4t_version": __version__,
         "parameters": parameters,
     }

@@ -25,6 +25,7 @@ from typing import Optional
 from e4tcli import __version__
 from e4tcli.errors import UsageError
 from e4tcli.export.embedding import EmbeddingSettings
+from e4tcli.models.family import SDXL
 
 FORMATS = ("diffusers", "kohya")
 DEFAULT_RANK = 16
@@ -132,11 +133,11 @@ def export(options: ExportOptions) -> ExportResult:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "e4t_version": __version__,
     }
-    embedding = embedding.reshape(1, -1).float()
+    parts = model.split_concept(embedding.reshape(1, -1).float())
     if options.format == "diffusers":
-        contents = {"embedding": {token: embedding}, "lora": peft_tensors(factored)}
+        contents = {"embedding": model.family.embedding_file(parts, token), "lora": peft_tensors(factored)}
     else:
-        contents = {"embedding": {"emb_params": embedding}, "lora": kohya_tensors(factored)}
+        contents = {"embedding": model.family.embedding_file(parts, "emb_params"), "lora": kohya_tensors(factored)}
     contents["lora"] = stored_tensors(contents["lora"], "fp16")
     with ExitStack() as stack:
         temporary = {role: stack.enter_context(atomic_file(out / name)) for role, name in names.items()}
@@ -144,7 +145,7 @@ def export(options: ExportOptions) -> ExportResult:
             metadata = {"format": FORMAT, "e4t": json.dumps(record | {"kind": role}, sort_keys=True)}
             save_safetensors(contents[role], temporary[role], metadata)
         if "readme" in temporary:
-            temporary["readme"].write_text(diffusers_readme(token, info, names))
+            temporary["readme"].write_text(diffusers_readme(token, info, names, model.family))
     return ExportResult([out / name for name in names.values()], token, rank, kept, time.perf_counter() - start)
 
 
@@ -154,21 +155,34 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> Non
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def diffusers_readme(token: str, info: dict, names: dict[str, str]) -> str:
+def diffusers_readme(token: str, info: dict, names: dict[str, str], family) -> str:
     base = info["base_model"]["source"]
     shown = (
         base if not base.startswith("domain:") else "<the base model of domain " + base.removeprefix("domain:") + ">"
     )
+    embedding = names["embedding"]
+    if family.name == SDXL:
+        load_embedding = (
+            f'embedding = load_file("{embedding}")\n'
+            f'pipe.load_textual_inversion(embedding["clip_l"], token="{token}", '
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
+            f'pipe.load_textual_inversion(embedding["clip_g"], token="{token}", '
+            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"
+        )
+        imports = f"from diffusers import {family.pipeline_class}\nfrom safetensors.torch import load_file"
+    else:
+        load_embedding = f'pipe.load_textual_inversion("{embedding}", token="{token}")'
+        imports = f"from diffusers import {family.pipeline_class}"
     return f"""# {token}: an e4t concept for diffusers
 
 Exported by `e4t export --format diffusers` from a concept of domain `{info["domain"]}`.
-Base model: `{shown}` (fingerprint {info["base_model"]["fingerprint"]}).
+Base model: `{shown}` ({family.label}, fingerprint {info["base_model"]["fingerprint"]}).
 
 ```python
-from diffusers import StableDiffusionPipeline
+{imports}
 
-pipe = StableDiffusionPipeline.from_pretrained("{shown}")
-pipe.load_textual_inversion("{names["embedding"]}", token="{token}")
+pipe = {family.pipeline_class}.from_pretrained("{shown}")
+{load_embedding}
 pipe.load_lora_weights(".", weight_name="{names["lora"]}")
 image = pipe("a photo of {token} as an astronaut").images[0]
 ```

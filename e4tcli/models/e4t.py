@@ -1,5 +1,6 @@
 """An E4T model: a base Stable Diffusion model with the encoder and weight offsets attached."""
 
+from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Optional
 
@@ -50,6 +51,24 @@ def concept_encoder(config: EncoderConfig, tensors: dict[str, torch.Tensor]) -> 
     return ConceptEncoder.fold(whole, tensors["image_features"])
 
 
+def _install_placeholder(tokenizer, text_encoder, class_word: str) -> PlaceholderEmbedding:
+    if PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([PLACEHOLDER])
+    placeholder_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+    class_ids = tokenizer(class_word, add_special_tokens=False).input_ids
+    if len(class_ids) != 1:
+        raise UsageError(
+            f"class word '{class_word}' is {len(class_ids)} tokens for this base model's tokenizer",
+            hint="the domain's class word must be a single token",
+        )
+    embedding = text_encoder.get_input_embeddings()
+    if isinstance(embedding, PlaceholderEmbedding):
+        embedding = embedding.base
+    wrapper = PlaceholderEmbedding(embedding, placeholder_id, class_ids[0])
+    text_encoder.set_input_embeddings(wrapper)
+    return wrapper
+
+
 class E4TModel:
     """Everything one training step or one sampling step needs.
 
@@ -69,6 +88,7 @@ class E4TModel:
         """``concept_tensors``: a concept file's tensors (generation: the concept's encoder, offsets fixed);
         otherwise a fresh encoder and trainable offsets."""
         self.base = base
+        self.family = base.family
         self.placement = placement
         self.tokenizer = base.tokenizer
         self.text_encoder = base.text_encoder
@@ -93,41 +113,49 @@ class E4TModel:
             ) from None
         for parameter in offset_parameters(self.offsets):
             parameter.data = parameter.data.float()
-        self.placeholder = self._install_placeholder(class_word)
-
-    def _install_placeholder(self, class_word: str) -> PlaceholderEmbedding:
-        if PLACEHOLDER not in self.tokenizer.get_vocab():
-            self.tokenizer.add_tokens([PLACEHOLDER])
-        placeholder_id = self.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
-        class_ids = self.tokenizer(class_word, add_special_tokens=False).input_ids
-        if len(class_ids) != 1:
-            raise UsageError(
-                f"class word '{class_word}' is {len(class_ids)} tokens for this base model's tokenizer",
-                hint="the domain's class word must be a single token",
-            )
-        embedding = self.text_encoder.get_input_embeddings()
-        if isinstance(embedding, PlaceholderEmbedding):
-            embedding = embedding.base
-        wrapper = PlaceholderEmbedding(embedding, placeholder_id, class_ids[0])
-        self.text_encoder.set_input_embeddings(wrapper)
-        return wrapper
+        self.placeholders = [
+            _install_placeholder(tokenizer, text_encoder, class_word)
+            for tokenizer, text_encoder in zip(base.tokenizers, base.text_encoders)
+        ]
+        self.placeholder = self.placeholders[0]
 
     # --- text -------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            prompts,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(self.placement.device)
+        """Token ids: (B, length), or (B, text encoders, length) for a family with several."""
+        return self.family.tokenize(self.base.tokenizers, prompts).to(self.placement.device)
 
     def encode_text(self, input_ids: torch.Tensor, concept: Optional[torch.Tensor] = None) -> torch.Tensor:
-        with self.placeholder.using(concept):
-            return self.text_encoder(input_ids)[0]
+        """The text states (``e4tcli.models.family``) of ``input_ids``, with ``S*`` = ``concept`` (B x
+        embedding width; split across the text encoders' tables, first encoder first) when given."""
+        parts = [None] * len(self.placeholders) if concept is None else self.split_concept(concept)
+        with ExitStack() as stack:
+            for placeholder, part in zip(self.placeholders, parts):
+                stack.enter_context(placeholder.using(part))
+            return self.family.encode(self.base.text_encoders, input_ids)
+
+    def negative_states(self, negative_prompt: str, count: int) -> torch.Tensor:
+        """The text states guidance steers away from: the negative prompt's, or zeros for an empty one where
+        the family draws so (SDXL)."""
+        states = self.encode_text(self.tokenize([negative_prompt] * count))
+        return torch.zeros_like(states) if not negative_prompt and self.family.zeros_for_empty_prompt else states
+
+    def split_concept(self, concept: torch.Tensor) -> list[torch.Tensor]:
+        """``S*`` (..., embedding width) as one part per text encoder, in the order of its embedding tables."""
+        widths = [placeholder.base.weight.shape[1] for placeholder in self.placeholders]
+        return list(torch.split(concept, widths, dim=-1))
 
     def class_embedding(self) -> torch.Tensor:
-        return self.placeholder.base.weight[self.placeholder.class_id].detach().float()
+        """The class word's embedding (every text encoder's row, concatenated): ``S*`` before any offset."""
+        return torch.cat([p.base.weight[p.class_id].detach().float() for p in self.placeholders])
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for ``noisy`` latents under ``text_states``."""
+        return self.unet(noisy, timesteps, **self.unet_conditioning(text_states, noisy)).sample
+
+    def unet_conditioning(self, text_states: torch.Tensor, latents: torch.Tensor) -> dict:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        pixel_size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
+        return self.family.unet_conditioning(text_states, pixel_size)
 
     # --- encoder ----------------------------------------------------------
     def unet_features(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
@@ -146,7 +174,7 @@ class E4TModel:
         handles.append(self.unet.mid_block.register_forward_hook(grab_and_stop))
         try:
             with torch.no_grad():
-                self.unet(noisy, timesteps, encoder_hidden_states=text_states)
+                self.unet(noisy, timesteps, **self.unet_conditioning(text_states, noisy))
         except _StopAfterMidBlock:
             pass
         finally:

@@ -7,6 +7,7 @@ from typing import Any
 
 from e4tcli.errors import UsageError
 from e4tcli.io.fingerprint import fingerprint_modules
+from e4tcli.models.family import ModelFamily, detect_family
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -22,15 +23,25 @@ def _quiet_progress_bars() -> None:
 
 @dataclass
 class BaseModel:
-    """The parts of a Stable Diffusion 1.x/2.x model e4t uses."""
+    """The parts of a Stable Diffusion model e4t uses; ``family`` says how its text conditions the UNet."""
 
     source: str
-    tokenizer: Any
-    text_encoder: Any
+    family: ModelFamily
+    tokenizers: tuple[Any, ...]
+    text_encoders: tuple[Any, ...]
     vae: Any
     unet: Any
     scheduler_config: dict
     fingerprint: str
+
+    @property
+    def tokenizer(self):
+        """The first tokenizer: the one whose vocabulary names words (every family's is CLIP's)."""
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self):
+        return self.text_encoders[0]
 
 
 @dataclass
@@ -57,7 +68,6 @@ def load_base_model(source: str, device=None, dtype=None) -> BaseModel:
     """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     dtype = dtype or torch.float32
     _quiet_progress_bars()
@@ -65,28 +75,25 @@ def load_base_model(source: str, device=None, dtype=None) -> BaseModel:
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
     except (OSError, ValueError) as error:
         raise _not_found("base model", source, error, "--base-model") from None
-    if unet_config.get("addition_embed_type") == "text_time":
-        raise UsageError(
-            f"'{source}' is a Stable Diffusion XL model, which e4t does not support yet",
-            hint="pass --base-model a Stable Diffusion 1.x or 2.x model",
-        )
+    family = detect_family(source, unet_config)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True)
+        tokenizers, text_encoders = family.load_text(source)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError) as error:
         raise _not_found("base model", source, error, "--base-model") from None
-    if tokenizer.model_max_length > 1000:
-        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        if tokenizer.model_max_length > 1000:
+            tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     # fingerprinted as loaded, before the cast, so every --precision sees the same model
-    fingerprint = fingerprint_modules(unet=unet, text_encoder=text_encoder)
-    for module in (text_encoder, vae, unet):
+    names = [encoder for _, encoder in family.text_parts]
+    fingerprint = fingerprint_modules(unet=unet, **dict(zip(names, text_encoders)))
+    for module in (*text_encoders, vae, unet):
         module.requires_grad_(False)
         module.eval()
         module.to(device=device, dtype=dtype)
-    return BaseModel(str(source), tokenizer, text_encoder, vae, unet, scheduler_config, fingerprint)
+    return BaseModel(str(source), family, tokenizers, text_encoders, vae, unet, scheduler_config, fingerprint)
 
 
 def load_backbone(source: str, device=None, dtype=None) -> Backbone:

@@ -82,7 +82,7 @@ def training_step(
                 class_states = model.encode_text(batch.class_prompt_ids)
         concept, offset = model.concept_embedding(batch.image_features, noisy.to(unet_dtype), timesteps, class_states)
         text_states = model.encode_text(batch.prompt_ids, concept=concept)
-        prediction = model.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=text_states).sample
+        prediction = model.denoise(noisy.to(unet_dtype), timesteps, text_states)
     weights = model.offsets_squared_norm()
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     squared_error = (prediction.float() - target.float()) ** 2
