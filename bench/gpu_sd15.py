@@ -175,7 +175,8 @@ def run(cfg: Config) -> list[dict]:
     concept = model.concept_state_dict(features[:1])
     base.unet.disable_gradient_checkpointing()
     base.unet.eval()
-    base.text_encoder.eval()
+    for text_encoder in base.text_encoders:
+        text_encoder.eval()
     model = None  # the training model's encoder and offsets are freed before generation
     generator_model = E4TModel(base, CLASS_WORD, encoder_config, offsets, placement, concept_tensors=concept)
 

@@ -71,7 +71,7 @@ def check_values(options) -> None:
 
 
 # ------------------------------------------------------------------ shared declarations
-BASE_MODEL_HELP = "Stable Diffusion 1.x/2.x: a hub id or a local diffusers folder."
+BASE_MODEL_HELP = "Stable Diffusion 1.x/2.x or XL: a hub id or a local diffusers folder."
 DEVICE_HELP = "cuda, cuda:1, mps or cpu (default: CUDA, then MPS, then CPU)."
 PRECISION_HELP = "auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."
 

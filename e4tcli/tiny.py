@@ -2,7 +2,7 @@
 
 No real weights can be downloaded here, so tests, the demo and benchmarks run
 on small models built from configs. The folders have the same layout as the
-real ones (Stable Diffusion 1.x/2.x, a CLIP vision tower), so code written
+real ones (Stable Diffusion 1.x/2.x and XL, a CLIP vision tower), so code written
 against ``from_pretrained(folder)`` works on both. The text encoder keeps the
 real CLIP vocabulary (49,408 tokens, real special-token ids) and the real
 tokenizer (see ``e4tcli.clip_bpe``), so token ids match real checkpoints.

@@ -1,6 +1,6 @@
 """A torch-free answer to "is this word a single CLIP token?".
 
-Stable Diffusion 1.x/2.x tokenise prompts with OpenAI CLIP's BPE vocabulary.
+Stable Diffusion 1.x/2.x and XL (both its tokenizers) tokenise prompts with OpenAI CLIP's BPE vocabulary.
 A class word must be one token so that the concept's embedding S* can start
 from exactly that word's embedding. The whole-word entries of the vocabulary
 ship in ``data/clip_words.txt.gz`` (made by ``scripts/make_clip_words.py``).

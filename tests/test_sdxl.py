@@ -48,6 +48,20 @@ def test_the_family_is_read_from_the_model_folder(tiny_sd, tiny_sdxl):
     assert sdxl.fingerprint != load_base_model(str(tiny_sd)).fingerprint
 
 
+def test_an_sdxl_refiner_is_refused_by_name(tiny_sdxl, tmp_path):
+    """A refiner has only the second text encoder: it is named, not left to fail while loading."""
+    import shutil
+
+    from e4tcli.errors import UsageError
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(tiny_sdxl, refiner)
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    with pytest.raises(UsageError, match="refiner"):
+        load_base_model(str(refiner))
+
+
 def test_text_states_are_what_the_diffusers_pipeline_conditions_on(tiny_sdxl):
     """Without S*, e4t's conditioning of the UNet equals StableDiffusionXLPipeline's own prompt encoding."""
     model = build(tiny_sdxl)
@@ -86,6 +100,40 @@ def test_s_star_is_a_word_of_both_text_encoders(tiny_sdxl):
     assert torch.allclose(conditioning["added_cond_kwargs"]["text_embeds"], pooled, atol=1e-5)
     assert not torch.allclose(states[:, :-1, :32], as_class[:, :-1, :32], atol=1e-3)
     assert not torch.allclose(states[:, :-1, 32:], as_class[:, :-1, 32:], atol=1e-3)
+
+
+def test_the_pooled_embedding_is_taken_at_the_end_of_text_whatever_the_config_says(tiny_sdxl, tmp_path):
+    """SDXL's released text-encoder configs say eos_token_id 2, for which transformers pools at the highest
+    token id in the prompt: S*'s. e4t pools at the real end of text, as the tiny model's configs say."""
+    import shutil
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_sdxl, legacy)
+    for encoder in ("text_encoder", "text_encoder_2"):
+        config_file = legacy / encoder / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "eos_token_id": 2}))
+    concept = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    states = []
+    for folder in (tiny_sdxl, legacy):
+        model = build(folder)
+        with torch.no_grad():
+            states.append(model.encode_text(model.tokenize(["a photo of S* on a sofa"]), concept=concept))
+    assert torch.equal(states[0], states[1])
+
+
+def test_an_fp16_vae_encodes_in_fp32_when_asked(tiny_sdxl):
+    import copy
+
+    from diffusers import AutoencoderKL
+
+    from e4tcli.training.images import latent_distribution
+
+    vae = AutoencoderKL.from_pretrained(str(tiny_sdxl), subfolder="vae").half()
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = latent_distribution(copy.deepcopy(vae).float(), pixels)[0]
+    upcast = latent_distribution(vae, pixels, upcast=True)[0]
+    assert vae.dtype == torch.float16  # back as it was
+    assert torch.equal(upcast, expected)
 
 
 @pytest.fixture(scope="module")

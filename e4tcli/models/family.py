@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from e4tcli.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -85,6 +87,8 @@ class ModelFamily:
 
     callback_inputs: tuple[str, ...] = ("latents", "prompt_embeds")
     zeros_for_empty_prompt = False
+    vae_upcast = False
+    """Whether training encodes images with an fp16 VAE upcast to fp32 (``latent_distribution``)."""
     """Whether an empty negative prompt is drawn as all-zero text states (SDXL's convention) or encoded."""
 
     def embedding_file(self, parts: list[torch.Tensor], key: str) -> dict[str, torch.Tensor]:
@@ -101,6 +105,7 @@ class StableDiffusionXL(ModelFamily):
     pipeline_class = "StableDiffusionXLPipeline"
     text_parts = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     callback_inputs = ("latents", "prompt_embeds", "add_text_embeds")
+    vae_upcast = True
 
     def embedding_file(self, parts: list[torch.Tensor], key: str) -> dict[str, torch.Tensor]:
         """SDXL embeddings hold one vector per text encoder, ``clip_l`` and ``clip_g``, whatever the tool."""
@@ -120,6 +125,13 @@ class StableDiffusionXL(ModelFamily):
             CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True),
             CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", use_safetensors=True),
         )
+        for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+            # SDXL's released configs say eos_token_id 2, for which transformers pools at the highest token id:
+            # S*'s, once added. Pooled at the real end of text, the whole prompt conditions the UNet.
+            text_encoder.config.eos_token_id = tokenizer.eos_token_id
+            for module in text_encoder.modules():  # the module that pools holds its own copy
+                if hasattr(module, "eos_token_id"):
+                    module.eos_token_id = tokenizer.eos_token_id
         return tokenizers, text_encoders
 
     def encode(self, text_encoders, ids: torch.Tensor) -> torch.Tensor:
@@ -189,6 +201,11 @@ def detect_family(source: str, unet_config: dict) -> ModelFamily:
         model_index = dict(DiffusionPipeline.load_config(source))
     except (OSError, ValueError):
         pass
+    if model_index and not any(model_index.get("text_encoder") or ()):
+        raise UsageError(
+            f"'{source}' has no first text encoder (an SDXL refiner?); e4t personalizes base models",
+            hint="pass --base-model a Stable Diffusion 1.x/2.x or XL base model",
+        )
     if "XL" in str(model_index.get("_class_name", "")) or unet_config.get("addition_embed_type") == "text_time":
         projection = unet_config.get("projection_class_embeddings_input_dim") or 0
         time_width = 6 * (unet_config.get("addition_time_embed_dim") or 0)

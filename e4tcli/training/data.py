@@ -236,6 +236,6 @@ def encode_arrays(model, backbone, arrays: list) -> tuple[torch.Tensor, torch.Te
     from e4tcli.models.loading import backbone_features
 
     pixels = uint8_to_pixels(torch.from_numpy(np.stack(arrays)))
-    mean, std = latent_distribution(model.vae, pixels)
+    mean, std = latent_distribution(model.vae, pixels, model.family.vae_upcast)
     features = backbone_features(backbone, list(arrays), model.encoder_config.backbone_layers)
     return mean, std, features

@@ -1,5 +1,8 @@
 """Image preparation shared by the loops: square crops, pixel tensors, VAE latents."""
 
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
 import torch
 
 
@@ -33,9 +36,23 @@ def mask_to_latent(mask_image, latent_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)[None, None]
 
 
-def latent_distribution(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE posterior, in fp32, scaled by the VAE's scaling factor."""
-    with torch.no_grad():
+@contextmanager
+def fp32(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in fp32, autocast off, for the duration; back to its dtype after."""
+    dtype = next(module.parameters()).dtype
+    module.to(torch.float32)
+    try:
+        with torch.autocast(next(module.parameters()).device.type, enabled=False):
+            yield
+    finally:
+        module.to(dtype)
+
+
+def latent_distribution(vae, pixels: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior, in fp32, scaled by the VAE's scaling factor.
+
+    ``upcast``: an fp16 VAE encodes in fp32 (SDXL's VAE overflows in fp16; its pipeline upcasts it to decode)."""
+    with torch.no_grad(), fp32(vae) if upcast and vae.dtype == torch.float16 else nullcontext():
         posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
     scale = vae.config.scaling_factor
     return posterior.mean.float() * scale, posterior.std.float() * scale

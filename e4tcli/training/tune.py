@@ -82,7 +82,7 @@ def tune_concept(
 
     view = square_resize(image, settings.resolution)
     views = [view] + ([view.transpose(0)] if settings.flip else [])
-    mean, std = latent_distribution(model.vae, to_pixels(views))
+    mean, std = latent_distribution(model.vae, to_pixels(views), model.family.vae_upcast)
     masks = None
     if loss_mask is not None:
         mask_view = square_resize(loss_mask, settings.resolution)
