@@ -54,7 +54,7 @@ demo-tiny: $(STAMP)
 	    --out $(DEMO)/chelsea.safetensors --force
 	$(BIN)/e4t generate $(DEMO)/chelsea.safetensors "S* as an astronaut" --num-images 4 --steps 20 --out outputs/tiny --force
 
-# Rebuild the miniature world's shipped weights from scratch (about 100 min on 2 CPU cores).
+# Rebuild the miniature world's shipped weights from scratch (about 130 min on 2 CPU cores).
 minifaces: $(STAMP)
 	$(BIN)/python -m e4t_minifaces.build --work .cache/minifaces-build
 

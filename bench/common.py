@@ -203,7 +203,7 @@ def sdxl_scheduler_config() -> dict:
         steps_offset=1,
         timestep_spacing="leading",
     )
-    return dict(scheduler.config)
+    return {**scheduler.config, "_class_name": type(scheduler).__name__}
 
 
 _TOKENIZER = None

@@ -97,6 +97,20 @@ def test_described_captions_name_only_true_attributes_as_often_as_asked(weights)
 
 
 # --------------------------------------------------------------------------- the shipped models
+def test_the_base_model_trains_in_the_rounds_the_build_is_given(tmp_path):
+    """Each later round starts from the one before; a round of 0 steps is left out, and the build's
+    defaults train three (the shipped base)."""
+    from e4t_minifaces.build import BuildSettings, base_rounds
+
+    shipped = base_rounds(BuildSettings(tmp_path))
+    assert [r.steps for r in shipped] == [2500, 3000, 4000]
+    assert [r.full_descriptions for r in shipped] == [False, True, True]
+    assert shipped[1].lr > shipped[2].lr
+    two = base_rounds(BuildSettings(tmp_path, base_polish_steps=0))
+    assert [r.steps for r in two] == [2500, 3000]
+    assert [r.steps for r in base_rounds(BuildSettings(tmp_path, base_refine_steps=0, base_polish_steps=0))] == [2500]
+
+
 def test_shipped_weights_are_fp16_and_under_30_mb():
     from safetensors import safe_open
 

@@ -29,7 +29,7 @@ from e4tcli.models.family import SDXL
 
 FORMATS = ("diffusers", "kohya")
 DEFAULT_RANK = 16
-"""The smallest rank that kept a minifaces concept's identity within 0.03 of native (docs/minifaces.md)."""
+"""On minifaces a rank-16 LoRA keeps as much of a concept's identity as a full-rank one (docs/minifaces.md)."""
 FORMAT = "e4t-export"
 """The ``format`` entry of an exported file's safetensors metadata (``e4t concept info`` reads it)."""
 

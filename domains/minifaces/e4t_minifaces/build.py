@@ -7,8 +7,8 @@ already there, so an interrupted build continues where it stopped):
 
   vae       the autoencoder: reconstruction + a small KL term
   base      UNet and text encoder trained jointly on captioned generator
-            images (10% empty captions, for classifier-free guidance);
-            saved as an fp16 diffusers folder
+            images (10% empty captions, for classifier-free guidance), in
+            three rounds (``base_rounds``); saved as an fp16 diffusers folder
   backbone  a small CLIP vision tower, trained contrastively: two scenes of
             one identity are a positive pair (our stand-in for a pretrained
             CLIP, which knows faces without being told about identities)
@@ -56,6 +56,10 @@ class BuildSettings:
     refine_full_descriptions: bool = True
     """The second round's captions name every visible attribute (a curriculum: the first round binds the scene
     words on short captions, the second adds the attribute words)."""
+    base_polish_steps: int = 4000
+    """A third round from the second round's saved model, fresh optimizer, on the second round's captions (0: none):
+    it binds the words of the small features (mouth, hair colour) further (docs/minifaces.md)."""
+    base_polish_lr: float = 3e-4
     backbone_steps: int = 1600
     domain_steps: int = 2000
     domain_images: int = 10000
@@ -213,55 +217,80 @@ def save_base(unet, text_encoder, settings: BuildSettings, tokenizer_dir: Path, 
         write_model_index(tmp, type(scheduler).__name__)
 
 
+@dataclass
+class BaseRound:
+    steps: int
+    lr: float
+    warmup: int
+    seed: int
+    full_descriptions: bool
+
+
+def base_rounds(settings: BuildSettings) -> list[BaseRound]:
+    """Round 1 from scratch; each later round (when it has steps) starts from the one before it, as saved."""
+    full = settings.full_descriptions
+    rounds = [
+        BaseRound(settings.base_steps, settings.base_lr, 200, settings.seed, full),
+        BaseRound(
+            settings.base_refine_steps,
+            settings.base_refine_lr,
+            50,
+            settings.seed + 7,
+            full or settings.refine_full_descriptions,
+        ),
+        BaseRound(
+            settings.base_polish_steps,
+            settings.base_polish_lr,
+            50,
+            settings.seed + 11,
+            full or settings.refine_full_descriptions,
+        ),
+    ]
+    return [rounds[0]] + [r for r in rounds[1:] if r.steps]
+
+
 def train_base(settings: BuildSettings) -> None:
-    """Two rounds: ``base_steps`` from scratch (saved as ``base-round1``), then ``base_refine_steps`` more from
-    that saved model with a fresh optimizer and a lower learning rate (``base``), each round resumable."""
+    """``base_rounds``, each saved (fp16) as ``base-roundN`` and the last as ``base``; the next round loads that
+    saved model with a fresh optimizer, so an interrupted build continues from the last finished round."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from e4tcli.clip_bpe import write_tokenizer_files
 
-    out, first = settings.work / "base", settings.work / "base-round1"
+    out = settings.work / "base"
     if out.exists():
         return
     vae = AutoencoderKL.from_pretrained(settings.work / "vae", torch_dtype=torch.float32).eval()
     tokenizer_dir = write_tokenizer_files(settings.work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    if not first.exists():
-        torch.manual_seed(settings.seed)
-        unet, text_encoder = models.new_unet(settings.attention_everywhere), models.new_text_encoder()
+    rounds = base_rounds(settings)
+    saved_rounds = [n for n in range(1, len(rounds)) if (settings.work / f"base-round{n}").exists()]
+    first = max(saved_rounds, default=0) + 1
+    for number, round_ in enumerate(rounds[first - 1 :], start=first):
+        saved = out if number == len(rounds) else settings.work / f"base-round{number}"
+        if number == 1:
+            torch.manual_seed(settings.seed)
+            unet, text_encoder = models.new_unet(settings.attention_everywhere), models.new_text_encoder()
+        else:
+            previous = settings.work / f"base-round{number - 1}"
+            unet = UNet2DConditionModel.from_pretrained(previous / "unet", torch_dtype=torch.float32)
+            text_encoder = CLIPTextModel.from_pretrained(previous / "text_encoder", torch_dtype=torch.float32)
+            torch.manual_seed(round_.seed)
+        stage = "base" if number == 1 else f"base (round {number})"
         fit_base(
             unet,
             text_encoder,
             vae,
             tokenizer,
             settings,
-            settings.base_steps,
-            settings.base_lr,
-            200,
-            settings.seed,
-            "base",
-            settings.full_descriptions,
+            round_.steps,
+            round_.lr,
+            round_.warmup,
+            round_.seed,
+            stage,
+            round_.full_descriptions,
         )
-        save_base(unet, text_encoder, settings, tokenizer_dir, first if settings.base_refine_steps else out)
-    if settings.base_refine_steps:
-        unet = UNet2DConditionModel.from_pretrained(first / "unet", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(first / "text_encoder", torch_dtype=torch.float32)
-        torch.manual_seed(settings.seed + 7)
-        fit_base(
-            unet,
-            text_encoder,
-            vae,
-            tokenizer,
-            settings,
-            settings.base_refine_steps,
-            settings.base_refine_lr,
-            50,
-            settings.seed + 7,
-            "base (round 2)",
-            settings.full_descriptions or settings.refine_full_descriptions,
-        )
-        save_base(unet, text_encoder, settings, tokenizer_dir, out)
+        save_base(unet, text_encoder, settings, tokenizer_dir, saved)
 
 
 # --------------------------------------------------------------------------- backbone
