@@ -16,6 +16,7 @@ from e4tcli.models.encoder import EncoderConfig
 from e4tcli.models.family import SD, SDXL
 from e4tcli.models.loading import load_base_model
 from e4tcli.models.weight_offsets import OffsetConfig
+from tests.test_export import draw_e4t  # any family: e4t generate's image 0 of a concept
 
 runner = CliRunner()
 
@@ -202,17 +203,6 @@ def draw_plain(pipe, prompt, seed=0, steps=4):
         output_type="np",
     ).images[0]
     return image
-
-
-def draw_e4t(concept, tiny_sdxl, prompt, fixed, steps=4):
-    from e4tcli.api import load_concept_model
-    from e4tcli.pipeline import SamplingSettings, generate_images
-
-    model, _ = load_concept_model(str(concept), str(tiny_sdxl), choose_placement("cpu"))
-    image = generate_images(
-        model, SamplingSettings(prompt=prompt, steps=steps, height=64, width=64), fixed_concept=fixed
-    )[0]
-    return np.asarray(image, dtype=np.float32) / 255.0
 
 
 @pytest.mark.parametrize("format", ["diffusers", "kohya"])
