@@ -192,17 +192,10 @@ def scheduler_config() -> dict:
 
 
 def sdxl_scheduler_config() -> dict:
-    """SDXL's scheduler: Euler, scaled-linear betas, epsilon, leading spacing."""
-    from diffusers import EulerDiscreteScheduler
+    """SDXL's scheduler (``e4tcli.tiny.sdxl_scheduler``), its class named as a saved config names it."""
+    from e4tcli.tiny import sdxl_scheduler
 
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    scheduler = sdxl_scheduler()
     return {**scheduler.config, "_class_name": type(scheduler).__name__}
 
 

@@ -129,7 +129,7 @@ def build_tiny_sdxl(out_dir: str | Path, *, text_width: int = 32, resolution: in
     pooled output and the size/crop time ids condition the UNet through ``added_cond_kwargs``), their two
     tokenizers, a UNet with ``addition_embed_type="text_time"``, the VAE and SDXL's Euler scheduler."""
     import torch
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from e4tcli.clip_bpe import write_tokenizer_files
 
@@ -159,14 +159,7 @@ def build_tiny_sdxl(out_dir: str | Path, *, text_width: int = 32, resolution: in
     text_encoder = clip_text_encoder(text_width)
     torch.manual_seed(seed + 1)
     text_encoder_2 = clip_text_encoder(text_width, with_projection=True)
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    scheduler = sdxl_scheduler()
     with _no_progress_bars():
         for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
             model.save_pretrained(out / name, safe_serialization=True)
@@ -176,6 +169,20 @@ def build_tiny_sdxl(out_dir: str | Path, *, text_width: int = 32, resolution: in
     write_tokenizer_files(out / "tokenizer_2")
     write_sdxl_model_index(out)
     return out
+
+
+def sdxl_scheduler():
+    """SDXL's scheduler: Euler, scaled-linear betas, epsilon, leading spacing."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
 
 
 def write_sdxl_model_index(out: Path) -> None:

@@ -23,7 +23,6 @@ def one_line_error(result) -> str:
 def concept(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
     """A cats concept on the tiny model, with offsets on attention and ResNet convolutions, made large (a
     few tuning steps barely move them), so that a LoRA that lost or mangled them would show in the pixels."""
-    from e4tcli.io.concept import load_concept, save_concept
 
     root = tmp_path_factory.mktemp("export")
     checkpoint = root / "checkpoint"
@@ -73,13 +72,20 @@ def concept(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
         ],
     )
     assert result.exit_code == 0, result.output
+    return with_large_offsets(tuned, root / "chelsea.safetensors")
+
+
+def with_large_offsets(tuned, path):
+    """``tuned``'s concept with its offsets' factors drawn at random (a few tuning steps barely move them),
+    saved in fp32 at ``path``, so that an export that lost or mangled them shows in the pixels."""
+    from e4tcli.io.concept import load_concept, save_concept
+
     loaded = load_concept(tuned)
     generator = torch.Generator().manual_seed(0)
     tensors = {
         name: (torch.randn(value.shape, generator=generator) if name.startswith("offsets.") else value)
         for name, value in loaded.tensors.items()
     }
-    path = root / "chelsea.safetensors"
     save_concept(path, tensors, loaded.info, precision="fp32")
     return path
 

@@ -16,7 +16,7 @@ from e4tcli.models.encoder import EncoderConfig
 from e4tcli.models.family import SD, SDXL
 from e4tcli.models.loading import load_base_model
 from e4tcli.models.weight_offsets import OffsetConfig
-from tests.test_export import draw_e4t  # any family: e4t generate's image 0 of a concept
+from tests.test_export import draw_e4t, with_large_offsets  # both family-independent
 
 runner = CliRunner()
 
@@ -141,7 +141,7 @@ def test_an_fp16_vae_encodes_in_fp32_when_asked(tiny_sdxl):
 def sdxl_concept(tmp_path_factory, tiny_sdxl, tiny_backbone, photo_folder):
     """A cats concept pre-trained and tuned on the tiny SDXL with the CLI, its offsets then made large
     (a few steps barely move them) so an export that lost them shows in the pixels."""
-    from e4tcli.io.concept import load_concept, save_concept
+    from e4tcli.io.concept import load_concept
 
     root = tmp_path_factory.mktemp("sdxl")
     checkpoint = root / "checkpoint"
@@ -159,16 +159,8 @@ def sdxl_concept(tmp_path_factory, tiny_sdxl, tiny_backbone, photo_folder):
     ]  # fmt: skip
     result = runner.invoke(app, tune)
     assert result.exit_code == 0, result.output
-    loaded = load_concept(tuned)
-    assert loaded.info["encoder"]["embedding_dim"] == 64  # one word in both embedding tables
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        name: (torch.randn(value.shape, generator=generator) if name.startswith("offsets.") else value)
-        for name, value in loaded.tensors.items()
-    }
-    path = root / "chelsea.safetensors"
-    save_concept(path, tensors, loaded.info, precision="fp32")
-    return path
+    assert load_concept(tuned).info["encoder"]["embedding_dim"] == 64  # one word in both embedding tables
+    return with_large_offsets(tuned, root / "chelsea.safetensors")
 
 
 def test_generate_draws_an_sdxl_concept_and_says_so(sdxl_concept, tiny_sdxl, tmp_path):
