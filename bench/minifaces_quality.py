@@ -56,6 +56,8 @@ def save_grid(path: Path, rows: list[list]) -> None:
 
 
 def main(argv=None) -> int:
+    from e4t_minifaces.evaluate import BIAS_LR
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=ALL_METHODS)
     parser.add_argument("--identities", type=int, default=16)
@@ -79,6 +81,12 @@ def main(argv=None) -> int:
         help="E4T's tuning learning rate of the weight offsets (default: the domain's offset rate, else --e4t-lr's)",
     )
     parser.add_argument("--e4t-batch-size", type=int, help="E4T's tuning batch size (default: the domain's)")
+    parser.add_argument(
+        "--bias-lr",
+        type=float,
+        default=BIAS_LR,
+        help=f"e4t-biases-N: the learning rate of the UNet's biases and normalization parameters (default {BIAS_LR})",
+    )
     parser.add_argument(
         "--concept-precision", default="int8", help="how E4T's concept file stores its tensors (int8, fp16, fp32)"
     )
@@ -113,6 +121,7 @@ def main(argv=None) -> int:
         e4t_batch_size=args.e4t_batch_size,
         concept_precision=args.concept_precision,
         encoder_every=args.encoder_every,
+        bias_learning_rate=args.bias_lr,
     )
     methods = [m for m in args.methods.split(",") if m]
     grid_rows: dict = {}

@@ -61,7 +61,7 @@ def test_minifaces_quality_runs_every_kind_of_method():
     report = run(
         "minifaces_quality.py",
         "--methods",
-        "base,e4t-1,e4t-encoder-1,ti-2,dreambooth-2",
+        "base,e4t-1,e4t-encoder-1,e4t-biases-1,ti-2,dreambooth-2",
         "--identities",
         "2",
         "--seeds-per-prompt",
@@ -72,7 +72,7 @@ def test_minifaces_quality_runs_every_kind_of_method():
         "1",
     )
     rows = {row["method"]: row for row in report["rows"]}
-    assert list(rows) == ["base", "e4t-1", "e4t-encoder-1", "ti-2", "dreambooth-2"]
+    assert list(rows) == ["base", "e4t-1", "e4t-encoder-1", "e4t-biases-1", "ti-2", "dreambooth-2"]
     for row in rows.values():
         assert 0.0 <= row["identity"] <= 1.0 and 0.0 <= row["fidelity"] <= 1.0 and 0.0 <= row["swap"] <= 1.0
         assert -1.0 <= row["margin"] <= 1.0 and len(row["per_identity_margin"]) == 2
@@ -81,6 +81,7 @@ def test_minifaces_quality_runs_every_kind_of_method():
     # a word embedding < an E4T concept (encoder + offset factors) < a whole UNet
     assert 0 < rows["ti-2"]["concept_bytes"] < rows["e4t-1"]["concept_bytes"] < rows["dreambooth-2"]["concept_bytes"]
     assert all(rows[m]["tune_seconds"] > 0 for m in ("e4t-1", "ti-2", "dreambooth-2"))
+    assert rows["e4t-1"]["concept_bytes"] < rows["e4t-biases-1"]["concept_bytes"]  # the biases' changes count
 
 
 TINY_CURVE = (

@@ -20,6 +20,8 @@ Methods (same seeds, prompts, sampler and guidance for all):
   base        no personalization: the class word in place of S*
   e4t-N       the pre-trained domain encoder + weight offsets, tuned N steps (0: encoder only)
   e4t-encoder-N  the same with the pre-trained offsets frozen: only the encoder is tuned
+  e4t-biases-N  E4T-N with the UNet's biases and normalization parameters also tuned, additively from
+              zero (a diagnosis of what the offsets, which rescale weights, cannot do; not what ``e4t tune`` does)
   ti-N        Textual Inversion: one new word embedding, N steps
   dreambooth-N  the whole UNet fine-tuned N steps on "sks face" (no prior preservation)
   export-embedding-N, export-r4-N, export-r16-N, export-r64-N, export-full-N
@@ -35,6 +37,7 @@ import copy
 import random
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -52,6 +55,7 @@ BASELINE_BATCH = 4
 TI_LR = 5e-3
 DREAMBOOTH_LR = 1e-4
 DREAMBOOTH_WORD = "sks face"
+BIAS_LR = 3e-3
 
 
 @dataclass
@@ -75,6 +79,8 @@ class EvalSettings:
     """How E4T's concept file stores its tensors (``e4t tune --save-precision``)."""
     encoder_every: int = 1
     """E4T's encoder runs at every K-th denoising step (``e4t generate --encoder-every``)."""
+    bias_learning_rate: float = BIAS_LR
+    """``e4t-biases-N``: the learning rate of the UNet's biases and normalization parameters."""
 
 
 @dataclass
@@ -255,6 +261,60 @@ def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets
     concept, seconds, size = tuned_concept(w, identity, settings, steps, tune_offsets)
     images = sample_e4t(w.concept_model(concept.tensors), settings)
     return images, seconds, size
+
+
+def unet_bias_parameters(unet) -> dict[str, torch.nn.Parameter]:
+    """The UNet's additive parameters: every linear and convolution bias, and the normalization layers'
+    scales and shifts, by name."""
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    chosen = {}
+    for module_name, module in unet.named_modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if isinstance(module, norms) or name == "bias":
+                chosen[f"{module_name}.{name}"] = parameter
+    return chosen
+
+
+@contextmanager
+def also_tuning(parameters: list[torch.nn.Parameter], learning_rate: float):
+    """``tune_concept``'s optimizer also steps ``parameters`` at ``learning_rate``; they are restored after."""
+    import e4tcli.training.tune as tuning
+
+    original_values = [p.detach().clone() for p in parameters]
+    original_optimizer = tuning.optimizer_for
+
+    def optimizer_for(*args, **kwargs):
+        optimizer = original_optimizer(*args, **kwargs)
+        optimizer.add_param_group({"params": parameters, "lr": learning_rate})
+        return optimizer
+
+    tuning.optimizer_for = optimizer_for
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    try:
+        yield
+    finally:
+        tuning.optimizer_for = original_optimizer
+        with torch.no_grad():
+            for parameter, value in zip(parameters, original_values):
+                parameter.requires_grad_(False)
+                parameter.copy_(value)
+
+
+def run_e4t_with_biases(w: World, identity, settings: EvalSettings, steps: int):
+    """E4T-N with the UNet's biases and normalization parameters tuned too (``unet_bias_parameters``), drawn
+    with their changes added to the concept's model; the size counts them in fp16."""
+    biases = unet_bias_parameters(w.e4t_model().unet)
+    before = {name: p.detach().clone() for name, p in biases.items()}
+    with also_tuning(list(biases.values()), settings.bias_learning_rate):
+        concept, seconds, size = tuned_concept(w, identity, settings, steps)
+        changes = {name: p.detach() - before[name] for name, p in biases.items()}
+    model = w.concept_model(concept.tensors)
+    with torch.no_grad():
+        for name, parameter in unet_bias_parameters(model.unet).items():
+            parameter.add_(changes[name])
+    images = sample_e4t(model, settings)
+    return images, seconds, size + 2 * sum(change.numel() for change in changes.values())
 
 
 def run_fallback(w: World, identity, settings: EvalSettings, steps: int):
@@ -449,6 +509,7 @@ def run_dreambooth(w: World, identity, settings: EvalSettings, steps: int):
 METHODS = {
     "e4t": run_e4t,
     "e4t-encoder": run_e4t_encoder_tuned,
+    "e4t-biases": run_e4t_with_biases,
     "ti": run_textual_inversion,
     "dreambooth": run_dreambooth,
     "fallback": run_fallback,
@@ -465,7 +526,7 @@ def run_method(w: World, method: str, identity, settings: EvalSettings):
         return run_exported(w, identity, settings, int(steps), EXPORT_RANKS[name])
     if name not in METHODS or not steps.isdigit():
         raise ValueError(
-            f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, fallback-N, ti-N, dreambooth-N, {'-N, '.join(EXPORT_RANKS)}-N)"
+            f"unknown method '{method}' (base, e4t-N, e4t-encoder-N, e4t-biases-N, fallback-N, ti-N, dreambooth-N, {'-N, '.join(EXPORT_RANKS)}-N)"
         )
     return METHODS[name](w, identity, settings, int(steps))
 
