@@ -173,6 +173,13 @@ class TuneOptions:
         names=("--offset-lr",),
         minimum=0.0,
     )
+    bias_learning_rate: Optional[float] = option(
+        None,
+        "Also tune the UNet's biases and normalization parameters, additively from zero, at this learning rate"
+        " (default: not tuned).",
+        names=("--bias-lr",),
+        minimum=0.0,
+    )
     resolution: Optional[int] = option(
         None, "Training resolution (default: the checkpoint's, else the domain's).", minimum=8
     )

@@ -171,6 +171,7 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress:
         resolution=resolution,
         seed=options.seed,
         offset_learning_rate=offset_learning_rate,
+        bias_learning_rate=options.bias_learning_rate,
     )
     mask = domain.loss_mask(image) if domain.loss_mask is not None else None
     losses = tune_concept(

@@ -69,6 +69,7 @@ def export(
                 "token": result.token,
                 "rank": result.rank,
                 "energy_kept": round(result.energy_kept, 6),
+                "bias_changes_left_out": result.bias_changes_left_out,
                 "seconds": round(result.seconds, 3),
             }
         )
@@ -82,3 +83,10 @@ def export(
         markup=False,
         highlight=False,
     )
+    if result.bias_changes_left_out:
+        console.print(
+            f"The concept's {result.bias_changes_left_out:,} bias changes (tune --bias-lr) are not exported: "
+            "the exported LoRA changes weights only, so the export draws the concept without them.",
+            markup=False,
+            highlight=False,
+        )

@@ -58,6 +58,8 @@ class ExportResult:
     energy_kept: float
     """The share of the offsets' change (squared Frobenius norm, all layers) the LoRA holds."""
     seconds: float
+    bias_changes_left_out: int = 0
+    """Values of the concept's bias changes (``tune --bias-lr``) left out: the exported LoRA changes weights only."""
 
 
 def export_file_names(format: str, token: str) -> dict[str, str]:
@@ -146,7 +148,10 @@ def export(options: ExportOptions) -> ExportResult:
             save_safetensors(contents[role], temporary[role], metadata)
         if "readme" in temporary:
             temporary["readme"].write_text(diffusers_readme(token, info, names, model.family))
-    return ExportResult([out / name for name in names.values()], token, rank, kept, time.perf_counter() - start)
+    left_out = 0 if model.biases is None else sum(p.numel() for p in model.biases.parameters())
+    return ExportResult(
+        [out / name for name in names.values()], token, rank, kept, time.perf_counter() - start, left_out
+    )
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:

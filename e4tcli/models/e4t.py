@@ -9,6 +9,7 @@ import torch
 from e4tcli.device import Placement
 from e4tcli.domain import PLACEHOLDER
 from e4tcli.errors import UsageError
+from e4tcli.models.bias_offsets import BiasOffsets, stored_changes
 from e4tcli.models.encoder import ConceptEncoder, E4TEncoder, EncoderConfig
 from e4tcli.models.loading import BaseModel
 from e4tcli.models.placeholder import PlaceholderEmbedding
@@ -113,6 +114,16 @@ class E4TModel:
             ) from None
         for parameter in offset_parameters(self.offsets):
             parameter.data = parameter.data.float()
+        self.biases: Optional[BiasOffsets] = None
+        changes = None if concept_tensors is None else stored_changes(concept_tensors)
+        if changes is not None:
+            try:
+                self.biases = BiasOffsets(self.unet, changes)
+            except KeyError as missing:
+                raise UsageError(
+                    f"the concept's bias changes do not match this base model's layers (first: {missing})",
+                    hint="generate with the base model the concept was tuned on",
+                ) from None
         self.placeholders = [
             _install_placeholder(tokenizer, text_encoder, class_word)
             for tokenizer, text_encoder in zip(base.tokenizers, base.text_encoders)
@@ -203,6 +214,17 @@ class E4TModel:
         return self.class_embedding() + self.encoder_config.scale * offset, offset
 
     # --- parameters -------------------------------------------------------
+    def start_bias_offsets(self) -> BiasOffsets:
+        """Fresh (zero) additive changes to the UNet's biases and normalization parameters, replacing any."""
+        self.remove_bias_offsets()
+        self.biases = BiasOffsets(self.unet)
+        return self.biases
+
+    def remove_bias_offsets(self) -> None:
+        if self.biases is not None:
+            self.biases.remove()
+            self.biases = None
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters()) + list(offset_parameters(self.offsets))
 
@@ -232,7 +254,8 @@ class E4TModel:
 
     def concept_state_dict(self, image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """What generation needs: the encoder folded on the reference (``image_features``, needed unless the
-        encoder is a concept's already) and each offset's two factors (no d x d maps)."""
+        encoder is a concept's already), each offset's two factors (no d x d maps) and the bias changes,
+        when tuned."""
         encoder = self.encoder
         if isinstance(encoder, E4TEncoder):
             if image_features is None:
@@ -244,6 +267,8 @@ class E4TModel:
                 column, row = layer.offset.factors()
                 state[f"offsets.{name}.column"] = column.detach().float().cpu().contiguous()
                 state[f"offsets.{name}.row"] = row.detach().float().cpu().contiguous()
+        if self.biases is not None:
+            state.update(self.biases.state())
         return state
 
     def describe(self) -> dict:

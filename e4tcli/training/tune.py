@@ -28,19 +28,29 @@ class TuneSettings:
     """Light augmentation: the batch mixes the image and its mirror image."""
     offset_learning_rate: Optional[float] = None
     """The weight offsets' learning rate (default: ``learning_rate``)."""
+    bias_learning_rate: Optional[float] = None
+    """Also tune additive changes to the UNet's biases and normalization parameters, from zero, at this
+    rate (``e4tcli.models.bias_offsets``); None: they are not tuned."""
 
 
 def optimizer_for(
-    model: E4TModel, learning_rate: float, weight_decay: float, offset_learning_rate: Optional[float] = None
+    model: E4TModel,
+    learning_rate: float,
+    weight_decay: float,
+    offset_learning_rate: Optional[float] = None,
+    bias_learning_rate: Optional[float] = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over the encoder and the weight offsets, constant learning rates (the offsets' own, if given)."""
+    """AdamW over the encoder and the weight offsets, constant learning rates (the offsets' own, if given),
+    and over the model's bias changes at ``bias_learning_rate`` when given."""
     if offset_learning_rate is None:
-        groups: list = model.trainable_parameters()
+        groups: list = [{"params": model.trainable_parameters()}]
     else:
         groups = [
             {"params": list(model.encoder.parameters())},
             {"params": list(offset_parameters(model.offsets)), "lr": offset_learning_rate},
         ]
+    if bias_learning_rate is not None and model.biases is not None:
+        groups.append({"params": list(model.biases.parameters()), "lr": bias_learning_rate})
     return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, **fastest_adamw(model))
 
 
@@ -93,7 +103,11 @@ def tune_concept(
     with torch.no_grad(), model.placement.autocast:
         class_states = dict(zip(prompt_templates, model.encode_text(model.tokenize(class_prompts))))
 
-    optimizer = optimizer_for(model, settings.learning_rate, settings.weight_decay, settings.offset_learning_rate)
+    if settings.bias_learning_rate is not None:
+        model.start_bias_offsets()
+    optimizer = optimizer_for(
+        model, settings.learning_rate, settings.weight_decay, settings.offset_learning_rate, settings.bias_learning_rate
+    )
     # fp16 activations need loss scaling so small gradients do not underflow (bf16 and fp32 do not).
     scaler = torch.amp.GradScaler(device.type, enabled=model.placement.dtype == torch.float16)
     history = []

@@ -21,7 +21,7 @@ Methods (same seeds, prompts, sampler and guidance for all):
   e4t-N       the pre-trained domain encoder + weight offsets, tuned N steps (0: encoder only)
   e4t-encoder-N  the same with the pre-trained offsets frozen: only the encoder is tuned
   e4t-biases-N  E4T-N with the UNet's biases and normalization parameters also tuned, additively from
-              zero (a diagnosis of what the offsets, which rescale weights, cannot do; not what ``e4t tune`` does)
+              zero (``e4t tune --bias-lr``: what the offsets, which rescale weights, cannot change)
   ti-N        Textual Inversion: one new word embedding, N steps
   dreambooth-N  the whole UNet fine-tuned N steps on "sks face" (no prior preservation)
   export-embedding-N, export-r4-N, export-r16-N, export-r64-N, export-full-N
@@ -37,7 +37,6 @@ import copy
 import random
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -263,58 +262,10 @@ def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets
     return images, seconds, size
 
 
-def unet_bias_parameters(unet) -> dict[str, torch.nn.Parameter]:
-    """The UNet's additive parameters: every linear and convolution bias, and the normalization layers'
-    scales and shifts, by name."""
-    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-    chosen = {}
-    for module_name, module in unet.named_modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            if isinstance(module, norms) or name == "bias":
-                chosen[f"{module_name}.{name}"] = parameter
-    return chosen
-
-
-@contextmanager
-def also_tuning(parameters: list[torch.nn.Parameter], learning_rate: float):
-    """``tune_concept``'s optimizer also steps ``parameters`` at ``learning_rate``; they are restored after."""
-    import e4tcli.training.tune as tuning
-
-    original_values = [p.detach().clone() for p in parameters]
-    original_optimizer = tuning.optimizer_for
-
-    def optimizer_for(*args, **kwargs):
-        optimizer = original_optimizer(*args, **kwargs)
-        optimizer.add_param_group({"params": parameters, "lr": learning_rate})
-        return optimizer
-
-    tuning.optimizer_for = optimizer_for
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    try:
-        yield
-    finally:
-        tuning.optimizer_for = original_optimizer
-        with torch.no_grad():
-            for parameter, value in zip(parameters, original_values):
-                parameter.requires_grad_(False)
-                parameter.copy_(value)
-
-
 def run_e4t_with_biases(w: World, identity, settings: EvalSettings, steps: int):
-    """E4T-N with the UNet's biases and normalization parameters tuned too (``unet_bias_parameters``), drawn
-    with their changes added to the concept's model; the size counts them in fp16."""
-    biases = unet_bias_parameters(w.e4t_model().unet)
-    before = {name: p.detach().clone() for name, p in biases.items()}
-    with also_tuning(list(biases.values()), settings.bias_learning_rate):
-        concept, seconds, size = tuned_concept(w, identity, settings, steps)
-        changes = {name: p.detach() - before[name] for name, p in biases.items()}
-    model = w.concept_model(concept.tensors)
-    with torch.no_grad():
-        for name, parameter in unet_bias_parameters(model.unet).items():
-            parameter.add_(changes[name])
-    images = sample_e4t(model, settings)
-    return images, seconds, size + 2 * sum(change.numel() for change in changes.values())
+    """E4T-N with the UNet's biases and normalization parameters tuned too (``e4t tune --bias-lr``)."""
+    concept, seconds, size = tuned_concept(w, identity, settings, steps, bias_learning_rate=settings.bias_learning_rate)
+    return sample_e4t(w.concept_model(concept.tensors), settings), seconds, size
 
 
 def run_fallback(w: World, identity, settings: EvalSettings, steps: int):
@@ -325,10 +276,19 @@ def run_fallback(w: World, identity, settings: EvalSettings, steps: int):
     return images, seconds, size
 
 
-def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True, model=None):
+def tuned_concept(
+    w: World,
+    identity,
+    settings: EvalSettings,
+    steps: int,
+    tune_offsets: bool = True,
+    model=None,
+    bias_learning_rate: Optional[float] = None,
+):
     """The concept ``e4t tune`` writes for ``identity``'s portrait after ``steps`` steps, as read back from its file.
 
     ``model``: a fresh model to tune with the domain's fallback defaults (default: the pre-trained domain).
+    ``bias_learning_rate``: also tune the bias changes (``e4t tune --bias-lr``).
     """
     from e4t_minifaces import minifaces_domain
     from e4tcli.io.concept import load_concept, save_concept
@@ -359,6 +319,7 @@ def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_o
             offset_learning_rate=tune.offset_learning_rate
             if settings.e4t_offset_learning_rate is None
             else settings.e4t_offset_learning_rate,
+            bias_learning_rate=bias_learning_rate,
         )
         try:
             tune_concept(
@@ -377,6 +338,7 @@ def tuned_concept(w: World, identity, settings: EvalSettings, steps: int, tune_o
         path = Path(tmp) / "c.safetensors"
         size = save_concept(path, model.concept_state_dict(features[:1]), {}, settings.concept_precision)
         concept = load_concept(path)
+    model.remove_bias_offsets()  # the world's model is shared by every identity
     return concept, seconds, size
 
 

@@ -1,0 +1,116 @@
+"""Bias changes (``e4t tune --bias-lr``): what the hooks add equals changing the base model's own parameters."""
+
+import json
+
+import torch
+
+from e4tcli.io.concept import load_concept, save_concept
+from e4tcli.models.bias_offsets import PREFIX, BiasOffsets, bias_targets
+from e4tcli.models.e4t import E4TModel
+from e4tcli.models.loading import load_base_model
+from e4tcli.models.weight_offsets import OffsetConv2d
+from tests.test_model import build, unet_inputs
+
+
+def random_changes(unet, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    changes = {}
+    for name, module in bias_targets(unet).items():
+        layer = getattr(module, "base_layer", module)
+        size = layer.weight.numel() if name.endswith(".weight") else layer.bias.numel()
+        changes[name] = 0.05 * torch.randn(size, generator=g)
+    return changes
+
+
+def test_the_hooks_draw_what_changing_the_parameters_in_place_draws(tiny_sd):
+    model = build(tiny_sd, kind="lowrank", layers="attention+resnets")
+    targets = bias_targets(model.unet)
+    assert any(isinstance(m, OffsetConv2d) for m in targets.values())  # a wrapped layer stands for its bias
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in targets.values())
+    changes = random_changes(model.unet)
+    latents, t, states = unet_inputs()
+
+    reference = load_base_model(str(tiny_sd)).unet
+    with torch.no_grad():
+        parameters = dict(reference.named_parameters())
+        for name, change in changes.items():
+            parameters[name].add_(change)
+        expected = reference(latents, t, encoder_hidden_states=states).sample
+        BiasOffsets(model.unet, changes)
+        actual = model.unet(latents, t, encoder_hidden_states=states).sample
+    assert torch.allclose(actual, expected, atol=1e-5)
+    assert not torch.allclose(
+        actual, load_base_model(str(tiny_sd)).unet(latents, t, encoder_hidden_states=states).sample
+    )
+
+
+def test_fresh_changes_leave_the_unet_exactly_unchanged_and_removing_them_restores_it(tiny_sd):
+    model = build(tiny_sd, kind="lowrank", layers="attention+resnets")
+    latents, t, states = unet_inputs()
+    with torch.no_grad():
+        before = model.unet(latents, t, encoder_hidden_states=states).sample
+        model.start_bias_offsets()
+        fresh = model.unet(latents, t, encoder_hidden_states=states).sample
+        for change in model.biases.parameters():
+            change.fill_(0.1)
+        changed = model.unet(latents, t, encoder_hidden_states=states).sample
+        model.remove_bias_offsets()
+        after = model.unet(latents, t, encoder_hidden_states=states).sample
+    assert torch.equal(fresh, before) and torch.equal(after, before)
+    assert not torch.allclose(changed, before)
+
+
+def test_a_concept_file_carries_the_changes_to_generation(tiny_sd, tmp_path):
+    model = build(tiny_sd, kind="lowrank", layers="attention+resnets")
+    model.start_bias_offsets()
+    with torch.no_grad():
+        for change in model.biases.parameters():
+            change.normal_(0, 0.05)
+    features = torch.randn(1, 2, 32)
+    path = tmp_path / "c.safetensors"
+    save_concept(path, model.concept_state_dict(features), {}, "fp32")
+    tensors = load_concept(path).tensors
+    assert sum(k.startswith(PREFIX) for k in tensors) == len(bias_targets(model.unet))
+
+    loaded = E4TModel(
+        load_base_model(str(tiny_sd)),
+        "cat",
+        model.encoder_config,
+        model.offset_config,
+        model.placement,
+        concept_tensors=tensors,
+    )
+    latents, t, states = unet_inputs()
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.unet(latents, t, encoder_hidden_states=states).sample,
+            model.unet(latents, t, encoder_hidden_states=states).sample,
+        )
+
+
+def test_tune_with_bias_lr_stores_the_changes_and_export_says_it_leaves_them_out(tmp_path):
+    from e4t_minifaces import EXAMPLES
+    from typer.testing import CliRunner
+
+    from e4tcli.cli import app
+    from e4tcli.io.concept import read_concept_info
+
+    runner = CliRunner()
+    concept = tmp_path / "mira.safetensors"
+    tune = ["tune", str(EXAMPLES / "mira.png"), "--domain", "minifaces", "--steps", "1", "--out", str(concept)]
+    assert runner.invoke(app, [*tune, "--bias-lr", "1e-2"]).exit_code == 0
+    tensors = load_concept(concept).tensors
+    changes = {k: v for k, v in tensors.items() if k.startswith(PREFIX)}
+    assert changes and all(v.abs().max() > 0 for v in changes.values())  # one Adam step moves every change
+    assert read_concept_info(concept)["tuning"]["bias_learning_rate"] == 1e-2
+
+    result = runner.invoke(app, ["export", str(concept), "--format", "kohya", "--out", str(tmp_path / "x"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bias_changes_left_out"] == sum(v.numel() for v in changes.values())
+
+    plain = tmp_path / "plain.safetensors"
+    tune[-1] = str(plain)
+    assert runner.invoke(app, tune).exit_code == 0
+    assert not any(k.startswith(PREFIX) for k in load_concept(plain).tensors)
+    result = runner.invoke(app, ["export", str(plain), "--format", "kohya", "--out", str(tmp_path / "y"), "--json"])
+    assert json.loads(result.stdout)["bias_changes_left_out"] == 0
