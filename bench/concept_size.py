@@ -275,6 +275,15 @@ def model_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
                 "MB": c.checkpoint_bytes / 1e6,
             }
         )
+    bias_values = bias_change_count(unet)
+    rows.append(
+        {
+            "file": "bias changes fp16 (tune --bias-lr)",
+            "offsets": "-",
+            "offset_params": bias_values,
+            "MB": FP16 * bias_values / 1e6,
+        }
+    )
     unet_params = common.count(unet.parameters())
     rows.append(
         {"file": "dreambooth UNet fp16", "offsets": "-", "offset_params": unet_params, "MB": 2 * unet_params / 1e6}
@@ -283,6 +292,17 @@ def model_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
     rows.append({"file": "textual inversion fp32", "offsets": "-", "offset_params": width, "MB": FP32 * width / 1e6})
     meta = {"attention_projections": c.projections, "encoder_config": encoder_config.__dict__}
     return rows, parts, meta
+
+
+def bias_change_count(unet) -> int:
+    """Values a concept adds with ``tune --bias-lr``: one per UNet bias and normalization scale and shift."""
+    from e4tcli.models.bias_offsets import bias_targets
+
+    total = 0
+    for name, module in bias_targets(unet).items():
+        layer = getattr(module, "base_layer", module)
+        total += (layer.weight if name.endswith(".weight") else layer.bias).numel()
+    return total
 
 
 def measure_header(unet, encoder_config, offset_config, counts: Counts, precision: str) -> dict:
