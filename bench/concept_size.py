@@ -296,13 +296,9 @@ def model_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
 
 def bias_change_count(unet) -> int:
     """Values a concept adds with ``tune --bias-lr``: one per UNet bias and normalization scale and shift."""
-    from e4tcli.models.bias_offsets import bias_targets
+    from e4tcli.models.bias_offsets import bias_targets, change_size
 
-    total = 0
-    for name, module in bias_targets(unet).items():
-        layer = getattr(module, "base_layer", module)
-        total += (layer.weight if name.endswith(".weight") else layer.bias).numel()
-    return total
+    return sum(change_size(module) for module in bias_targets(unet).values())
 
 
 def measure_header(unet, encoder_config, offset_config, counts: Counts, precision: str) -> dict:

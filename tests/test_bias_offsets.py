@@ -5,7 +5,7 @@ import json
 import torch
 
 from e4tcli.io.concept import load_concept, save_concept
-from e4tcli.models.bias_offsets import PREFIX, BiasOffsets, bias_targets
+from e4tcli.models.bias_offsets import PREFIX, BiasOffsets, bias_targets, change_size
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import load_base_model
 from e4tcli.models.weight_offsets import OffsetConv2d
@@ -16,9 +16,7 @@ def random_changes(unet, seed=0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     changes = {}
     for name, module in bias_targets(unet).items():
-        layer = getattr(module, "base_layer", module)
-        size = layer.weight.numel() if name.endswith(".weight") else layer.bias.numel()
-        changes[name] = 0.05 * torch.randn(size, generator=g)
+        changes[name] = 0.05 * torch.randn(change_size(module), generator=g)
     return changes
 
 

@@ -37,6 +37,12 @@ def bias_targets(unet: nn.Module) -> dict[str, nn.Module]:
     return targets
 
 
+def change_size(module: nn.Module) -> int:
+    """Values in one of a target's changes: its bias's length (a normalization layer's scale has as many)."""
+    layer = module if isinstance(module, NORMS) else getattr(module, "base_layer", module)
+    return layer.bias.numel()
+
+
 class BiasOffsets(nn.Module):
     """The changes (fp32 parameters, zero unless ``values`` are given) and the hooks that apply them."""
 
@@ -46,13 +52,13 @@ class BiasOffsets(nn.Module):
         if values is not None and set(values) != set(targets):
             missing = sorted(set(values) ^ set(targets))[0]
             raise KeyError(missing)
-        self.names = list(targets)
+        device = next(unet.parameters()).device
         self.changes = nn.ParameterList()
         for name, module in targets.items():
-            size = (module if isinstance(module, NORMS) else getattr(module, "base_layer", module)).bias.numel()
+            size = change_size(module)
             start = torch.zeros(size) if values is None else values[name].float().reshape(size)
-            self.changes.append(nn.Parameter(start.to(next(unet.parameters()).device)))
-        self.by_name = dict(zip(self.names, self.changes))
+            self.changes.append(nn.Parameter(start.to(device)))
+        self.by_name = dict(zip(targets, self.changes))
         self.handles = [
             module.register_forward_hook(self._hook_for(name.rsplit(".", 1)[0], module))
             for name, module in targets.items()
