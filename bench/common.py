@@ -417,6 +417,16 @@ def add_common_args(parser) -> None:
     )
 
 
+def add_loss_mask_arg(parser) -> None:
+    """``--no-loss-mask``: tune E4T on the whole reference image, not only where the domain's loss mask keeps it."""
+    parser.add_argument(
+        "--no-loss-mask",
+        dest="loss_mask",
+        action="store_false",
+        help="E4T tunes on the whole image, ignoring the domain's loss mask (default: the mask, as e4t tune does)",
+    )
+
+
 def reserve_stdout_for_json(enabled: bool):
     """With --json, stdout carries only the JSON: from here on, whatever else is printed goes to
     stderr (DeepSpeed, which accelerate and transformers import once it is installed, logs to stdout).

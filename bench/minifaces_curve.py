@@ -25,7 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, apply_common_args, print_table, reserve_stdout_for_json  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args,
+    add_loss_mask_arg,
+    apply_common_args,
+    print_table,
+    reserve_stdout_for_json,
+)
 
 
 def zero_unet_features() -> None:
@@ -148,6 +154,7 @@ def main(argv=None) -> int:
         "--frozen-offsets", action="store_true", help="a diagnosis: pre-train the encoder alone, offsets at zero"
     )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
+    add_loss_mask_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     apply_common_args(args)
@@ -210,7 +217,10 @@ def main(argv=None) -> int:
     train_seconds = time.perf_counter() - started
 
     settings = EvalSettings(
-        identities=args.identities, seeds_per_prompt=args.seeds_per_prompt, sampling_steps=args.sampling_steps
+        identities=args.identities,
+        seeds_per_prompt=args.seeds_per_prompt,
+        sampling_steps=args.sampling_steps,
+        e4t_loss_mask=args.loss_mask,
     )
     methods = [m for m in args.methods.split(",") if m]
     rows = []

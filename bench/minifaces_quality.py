@@ -23,7 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, apply_common_args, print_table, reserve_stdout_for_json  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args,
+    add_loss_mask_arg,
+    apply_common_args,
+    print_table,
+    reserve_stdout_for_json,
+)
 
 ALL_METHODS = "base,e4t-0,e4t-5,e4t-15,ti-5,ti-50,ti-500,dreambooth-5,dreambooth-50,dreambooth-200"
 
@@ -84,8 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--bias-lr",
         type=float,
-        default=BIAS_LR,
-        help=f"e4t-biases-N: the learning rate of the UNet's biases and normalization parameters (default {BIAS_LR})",
+        help="E4T's tuning rate of the UNet's bias changes (default: the domain's; 0: not tuned);"
+        f" e4t-biases-N tunes them at {BIAS_LR} where neither sets one",
     )
     parser.add_argument(
         "--concept-precision", default="int8", help="how E4T's concept file stores its tensors (int8, fp16, fp32)"
@@ -101,6 +107,7 @@ def main(argv=None) -> int:
         help="also print each method's margin per identity attribute (which attributes it carries)",
     )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
+    add_loss_mask_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     apply_common_args(args)
@@ -122,6 +129,7 @@ def main(argv=None) -> int:
         concept_precision=args.concept_precision,
         encoder_every=args.encoder_every,
         bias_learning_rate=args.bias_lr,
+        e4t_loss_mask=args.loss_mask,
     )
     methods = [m for m in args.methods.split(",") if m]
     grid_rows: dict = {}

@@ -27,6 +27,9 @@ class PhaseDefaults:
     """The weight offsets' own tuning rate (default: ``learning_rate``). In a handful of tuning steps,
     offsets at a rate that suits the encoder barely move; a higher rate lets them take part. Tuning only
     (``tune`` and ``fallback``): pre-training trains the offsets at ``learning_rate``."""
+    bias_learning_rate: Optional[float] = None
+    """Also tune additive changes to the UNet's biases and normalization parameters, from zero, at this rate
+    (``e4t tune --bias-lr``; None: not tuned). Tuning only: pre-training leaves them as the base model has them."""
 
 
 OFFSET_KINDS = ("paper", "lowrank")
@@ -197,7 +200,7 @@ def validate_domain(domain: Any) -> list[str]:
             continue
         for f in fields(phase):
             value = getattr(phase, f.name)
-            if value is None and f.name == "offset_learning_rate":
+            if value is None and f.name in ("offset_learning_rate", "bias_learning_rate"):
                 continue
             if not isinstance(value, (int, float)) or value < 0 or (value == 0 and f.name != "lambda_emb"):
                 problems.append(f"{phase_name}.{f.name} must be a positive number, got {value!r}")

@@ -176,7 +176,7 @@ class TuneOptions:
     bias_learning_rate: Optional[float] = option(
         None,
         "Also tune the UNet's biases and normalization parameters, additively from zero, at this learning rate"
-        " (default: not tuned).",
+        " (default: the domain's; 0: not tuned).",
         names=("--bias-lr",),
         minimum=0.0,
     )

@@ -3,6 +3,7 @@
 import json
 
 import torch
+from safetensors.torch import load_file
 
 from e4tcli.io.concept import load_concept, save_concept
 from e4tcli.models.bias_offsets import PREFIX, BiasOffsets, bias_targets, change_size
@@ -86,7 +87,7 @@ def test_a_concept_file_carries_the_changes_to_generation(tiny_sd, tmp_path):
         )
 
 
-def test_tune_with_bias_lr_stores_the_changes_and_export_says_it_leaves_them_out(tmp_path):
+def test_tune_with_bias_lr_stores_the_changes_and_export_carries_them_in_the_diffusers_layout(tmp_path):
     from e4t_minifaces import EXAMPLES
     from typer.testing import CliRunner
 
@@ -106,9 +107,26 @@ def test_tune_with_bias_lr_stores_the_changes_and_export_says_it_leaves_them_out
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["bias_changes_left_out"] == sum(v.numel() for v in changes.values())
 
-    plain = tmp_path / "plain.safetensors"
+    # diffusers: the README's recipe adds each exported change to the plain UNet's parameter of that name
+    folder = tmp_path / "d"
+    result = runner.invoke(app, ["export", str(concept), "--format", "diffusers", "--out", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bias_changes_left_out"] == 0
+    readme = (folder / "README.md").read_text()
+    assert readme.index("bias_changes.safetensors") < readme.index("load_lora_weights")
+    exported = load_file(str(folder / "bias_changes.safetensors"))
+    unet = load_base_model(str(EXAMPLES.parent / "weights" / "base")).unet
+    before = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    for name, change in exported.items():
+        unet.get_parameter(name).data += change.to(unet.dtype)
+    for name, change in changes.items():
+        moved = unet.get_parameter(name.removeprefix(PREFIX)) - before[name.removeprefix(PREFIX)]
+        assert torch.allclose(moved.flatten(), change.float().flatten(), atol=1e-3), name
+
+    plain = tmp_path / "plain.safetensors"  # minifaces tunes the changes by default: 0 turns them off
     tune[-1] = str(plain)
-    assert runner.invoke(app, tune).exit_code == 0
+    assert runner.invoke(app, [*tune, "--bias-lr", "0"]).exit_code == 0
     assert not any(k.startswith(PREFIX) for k in load_concept(plain).tensors)
+    assert read_concept_info(plain)["tuning"]["bias_learning_rate"] is None
     result = runner.invoke(app, ["export", str(plain), "--format", "kohya", "--out", str(tmp_path / "y"), "--json"])
     assert json.loads(result.stdout)["bias_changes_left_out"] == 0

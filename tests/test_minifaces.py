@@ -5,10 +5,12 @@ import json
 import random
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from e4t_minifaces import EXAMPLES, WEIGHTS, minifaces_domain, world
+from e4t_minifaces.mask import face_region
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -150,12 +152,16 @@ def test_reader_reads_fresh_generator_images():
 # --------------------------------------------------------------------------- the main job, offline
 def test_main_job_tunes_an_example_and_generates_it(tmp_path):
     from e4tcli.cli import app
+    from e4tcli.io.concept import load_concept, read_concept_info
 
     example = EXAMPLES / "mira.png"
     concept = tmp_path / "mira.safetensors"
     result = runner.invoke(app, ["tune", str(example), "--domain", "minifaces", "--out", str(concept), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 5
+    tuning = read_concept_info(concept)["tuning"]  # the domain's defaults: a batch of 4, bias changes at 3e-3
+    assert (tuning["batch_size"], tuning["bias_learning_rate"]) == (4, 3e-3)
+    assert any(name.startswith("biases.") for name in load_concept(concept).tensors)
     result = runner.invoke(
         app,
         [
@@ -193,6 +199,43 @@ def test_checkpoint_whose_recorded_model_folder_moved_falls_back_to_the_domains(
     result = api.tune(options, minifaces_domain())
     assert result.concept.is_file()
     assert recorded_source("relative/hub-id", "fallback") == "relative/hub-id"
+
+
+# --------------------------------------------------------------------------- the tuning loss mask
+@pytest.mark.parametrize("background", ["gray", "red", "yellow", "pink"])
+def test_loss_mask_keeps_the_face_and_drops_the_flat_background(background):
+    identity = world.Identity("round", "pale", "blue", "wide", "smile", "long", "blond")
+    image = world.render(identity, world.Scene(background=background))
+    pixels = np.asarray(image, dtype=int)
+    mask = np.asarray(face_region(image))
+    assert mask.shape == pixels.shape[:2] and set(np.unique(mask)) == {0, 255}
+    drawn = np.abs(pixels - world.BACKGROUNDS[background]).sum(axis=-1) > 60  # clearly not the background
+    assert mask[drawn].min() == 255  # every face pixel is kept...
+    assert mask[:, :2].max() == 0 and mask[:2, :].max() == 0  # ...the background beside it is not
+    assert 0.1 < (mask > 0).mean() < 0.8
+
+
+def test_loss_mask_keeps_the_whole_image_without_a_flat_background():
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert np.asarray(face_region(noise)).min() == 255
+    flat = Image.new("RGB", (32, 32), (40, 70, 200))  # nothing but background: nothing to keep
+    assert np.asarray(face_region(flat)).min() == 255
+
+
+def test_tune_weighs_its_loss_by_the_domains_mask(tmp_path):
+    """``e4t tune`` weighs the denoising loss by the domain's mask: a mask that keeps nothing leaves no loss."""
+    from e4tcli import api
+
+    def tune_with(domain, name):
+        options = api.TuneOptions(image=str(EXAMPLES / "mira.png"), out=str(tmp_path / name), steps=2)
+        return [step["denoising"] for step in api.tune(options, domain).losses]
+
+    domain = minifaces_domain()
+    assert domain.loss_mask is face_region
+    assert min(tune_with(domain, "masked.safetensors")) > 0
+    keeps_nothing = replace(domain, loss_mask=lambda image: Image.new("L", image.size, 0))
+    assert tune_with(keeps_nothing, "nothing.safetensors") == [0.0, 0.0]
 
 
 # --------------------------------------------------------------------------- the identity margin
@@ -247,7 +290,7 @@ def test_the_bias_method_draws_with_the_tuned_changes_and_leaves_the_shared_mode
     identity = held_out_identities(1, seed=3)[0]
 
     with_biases, _, size_with = run_e4t_with_biases(w, identity, settings, steps=2)
-    plain, _, size = run_e4t(w, identity, settings, steps=2)
+    plain, _, size = run_e4t(w, identity, replace(settings, bias_learning_rate=0), steps=2)
 
     assert not np.array_equal(np.asarray(with_biases[0]), np.asarray(plain[0]))
     assert size_with > size

@@ -196,6 +196,7 @@ def test_domain_defaults_are_plain_data():
         "resolution": 64,
         "lambda_emb": 0.1,
         "offset_learning_rate": None,
+        "bias_learning_rate": None,
     }
     assert defaults["prompt_templates"] == ["S*"]
     assert defaults["dataset"] == "builtins.len"
@@ -249,6 +250,22 @@ def test_bad_offset_defaults_are_rejected(offsets, problem):
     assert validate_domain(cats) == []
     problems = validate_domain(replace(cats, offsets=OffsetDefaults(**offsets)))
     assert any(problem in p for p in problems), problems
+
+
+def test_a_tuning_bias_rate_is_optional_positive_and_overridden_by_the_option():
+    from dataclasses import replace
+
+    from e4tcli.api.tuning import bias_rate
+    from e4tcli.domain import validate_domain
+
+    cats = load_registry().get("cats").domain
+    assert validate_domain(replace(cats, tune=replace(cats.tune, bias_learning_rate=3e-3))) == []
+    problems = validate_domain(replace(cats, tune=replace(cats.tune, bias_learning_rate=-1.0)))
+    assert any("tune.bias_learning_rate must be a positive number" in p for p in problems), problems
+    assert bias_rate(None, 3e-3) == 3e-3  # the domain's
+    assert bias_rate(1e-2, 3e-3) == 1e-2  # --bias-lr wins
+    assert bias_rate(0.0, 3e-3) is None  # --bias-lr 0: not tuned
+    assert bias_rate(None, None) is None
 
 
 def test_template_field_with_a_falsy_value_is_filled():

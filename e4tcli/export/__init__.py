@@ -4,14 +4,17 @@ Two layouts, both written into the ``--out`` folder:
 
 ``diffusers``  ``learned_embeds.safetensors`` (``{token: [1, dim]}``, read by
                ``load_textual_inversion``), ``pytorch_lora_weights.safetensors``
-               (peft keys, read by ``load_lora_weights``) and a README.
+               (peft keys, read by ``load_lora_weights``), for a concept with
+               bias changes ``bias_changes.safetensors`` (additive changes keyed
+               by the UNet's parameter names) and a README.
 ``kohya``      ``TOKEN.safetensors`` (``emb_params``, the embedding AUTOMATIC1111,
                Forge and ComfyUI load; its file name is the word to type) and
                ``TOKEN-lora.safetensors`` (kohya's ``lora_unet_*`` keys).
 
-What is lost: the encoder (see ``embedding``), and whatever of the offsets'
+What is lost: the encoder (see ``embedding``), whatever of the offsets'
 change a LoRA of the chosen rank cannot hold (see ``lora``; the share kept is
-reported and recorded in the files).
+reported and recorded in the files), and in the kohya layout the bias changes,
+which no LoRA loader of AUTOMATIC1111 reads.
 """
 
 import json
@@ -29,7 +32,7 @@ from e4tcli.models.family import SDXL
 
 FORMATS = ("diffusers", "kohya")
 DEFAULT_RANK = 16
-"""On minifaces a rank-16 LoRA keeps as much of a concept's identity as a full-rank one (docs/minifaces.md)."""
+"""On minifaces a rank-16 LoRA keeps within 0.01 of a full-rank one's identity margin (docs/minifaces.md)."""
 FORMAT = "e4t-export"
 """The ``format`` entry of an exported file's safetensors metadata (``e4t concept info`` reads it)."""
 
@@ -59,18 +62,28 @@ class ExportResult:
     """The share of the offsets' change (squared Frobenius norm, all layers) the LoRA holds."""
     seconds: float
     bias_changes_left_out: int = 0
-    """Values of the concept's bias changes (``tune --bias-lr``) left out: the exported LoRA changes weights only."""
+    """Values of the concept's bias changes (``tune --bias-lr``) left out: the kohya layout has no place for them."""
 
 
-def export_file_names(format: str, token: str) -> dict[str, str]:
-    """What each export writes into ``--out``, by role."""
+BIAS_CHANGES_FILE = "bias_changes.safetensors"
+
+
+def export_file_names(format: str, token: str, bias_changes: bool = False) -> dict[str, str]:
+    """What each export writes into ``--out``, by role (``bias_changes``: the concept has them)."""
     if format == "diffusers":
-        return {
-            "embedding": "learned_embeds.safetensors",
-            "lora": "pytorch_lora_weights.safetensors",
-            "readme": "README.md",
-        }
+        names = {"embedding": "learned_embeds.safetensors", "lora": "pytorch_lora_weights.safetensors"}
+        if bias_changes:
+            names["biases"] = BIAS_CHANGES_FILE
+        return names | {"readme": "README.md"}
     return {"embedding": f"{token}.safetensors", "lora": f"{token}-lora.safetensors"}
+
+
+def bias_change_tensors(model) -> dict:
+    """The concept's bias changes keyed by the plain UNet's parameter names: adding each to that parameter
+    draws what e4t's hooks draw (``tests/test_bias_offsets.py``). Empty when the concept has none."""
+    if model.biases is None:
+        return {}
+    return {name: value.detach().float().cpu() for name, value in model.biases.by_name.items()}
 
 
 def default_token(concept_path: Path, vocabulary: set[str]) -> str:
@@ -115,7 +128,8 @@ def export(options: ExportOptions) -> ExportResult:
     vocabulary = set(model.tokenizer.get_vocab())
     token = options.token or default_token(Path(options.concept), vocabulary)
     check_token(token, vocabulary)
-    names = export_file_names(options.format, token)
+    changes = bias_change_tensors(model)
+    names = export_file_names(options.format, token, bool(changes))
     for name in names.values():
         check_new_file(out / name, options.force)
 
@@ -141,14 +155,16 @@ def export(options: ExportOptions) -> ExportResult:
     else:
         contents = {"embedding": model.family.embedding_file(parts, "emb_params"), "lora": kohya_tensors(factored)}
     contents["lora"] = stored_tensors(contents["lora"], "fp16")
+    if "biases" in names:
+        contents["biases"] = stored_tensors(changes, "fp16")
     with ExitStack() as stack:
         temporary = {role: stack.enter_context(atomic_file(out / name)) for role, name in names.items()}
-        for role in ("embedding", "lora"):
+        for role in (role for role in names if role != "readme"):
             metadata = {"format": FORMAT, "e4t": json.dumps(record | {"kind": role}, sort_keys=True)}
             save_safetensors(contents[role], temporary[role], metadata)
         if "readme" in temporary:
             temporary["readme"].write_text(diffusers_readme(token, info, names, model.family))
-    left_out = 0 if model.biases is None else sum(p.numel() for p in model.biases.parameters())
+    left_out = 0 if "biases" in names else sum(value.numel() for value in changes.values())
     return ExportResult(
         [out / name for name in names.values()], token, rank, kept, time.perf_counter() - start, left_out
     )
@@ -178,6 +194,13 @@ def diffusers_readme(token: str, info: dict, names: dict[str, str], family) -> s
     else:
         load_embedding = f'pipe.load_textual_inversion("{embedding}", token="{token}")'
         imports = f"from diffusers import {family.pipeline_class}"
+    if "biases" in names:
+        if "safetensors" not in imports:
+            imports += "\nfrom safetensors.torch import load_file"
+        load_embedding += (
+            f'\nfor name, change in load_file("{names["biases"]}").items():  # before the LoRA, which renames layers\n'
+            "    pipe.unet.get_parameter(name).data += change.to(pipe.unet.dtype)"
+        )
     return f"""# {token}: an e4t concept for diffusers
 
 Exported by `e4t export --format diffusers` from a concept of domain `{info["domain"]}`.

@@ -18,10 +18,11 @@ background"). The attribute reader then says what each image shows:
 
 Methods (same seeds, prompts, sampler and guidance for all):
   base        no personalization: the class word in place of S*
-  e4t-N       the pre-trained domain encoder + weight offsets, tuned N steps (0: encoder only)
-  e4t-encoder-N  the same with the pre-trained offsets frozen: only the encoder is tuned
-  e4t-biases-N  E4T-N with the UNet's biases and normalization parameters also tuned, additively from
-              zero (``e4t tune --bias-lr``: what the offsets, which rescale weights, cannot change)
+  e4t-N       ``e4t tune --steps N`` with the domain's defaults: the pre-trained encoder, weight offsets
+              and bias changes tuned N steps (0: encoder only)
+  e4t-encoder-N  the same with the pre-trained offsets frozen and no bias changes: only the encoder is tuned
+  e4t-biases-N  E4T-N with the UNet's biases and normalization parameters tuned, additively from zero
+              (``e4t tune --bias-lr``), at ``--bias-lr``, else the domain's rate, else 3e-3
   ti-N        Textual Inversion: one new word embedding, N steps
   dreambooth-N  the whole UNet fine-tuned N steps on "sks face" (no prior preservation)
   export-embedding-N, export-r4-N, export-r16-N, export-r64-N, export-full-N
@@ -78,8 +79,11 @@ class EvalSettings:
     """How E4T's concept file stores its tensors (``e4t tune --save-precision``)."""
     encoder_every: int = 1
     """E4T's encoder runs at every K-th denoising step (``e4t generate --encoder-every``)."""
-    bias_learning_rate: float = BIAS_LR
-    """``e4t-biases-N``: the learning rate of the UNet's biases and normalization parameters."""
+    bias_learning_rate: Optional[float] = None
+    """E4T's tuning rate of the bias changes (default: the domain's; 0: not tuned). ``e4t-biases-N`` tunes
+    them at ``BIAS_LR`` where neither this nor the domain sets a rate."""
+    e4t_loss_mask: bool = True
+    """E4T tunes with the domain's loss mask, as ``e4t tune`` does (False: the loss covers the whole image)."""
 
 
 @dataclass
@@ -257,14 +261,16 @@ def run_e4t_encoder_tuned(w: World, identity, settings: EvalSettings, steps: int
 
 
 def run_e4t(w: World, identity, settings: EvalSettings, steps: int, tune_offsets: bool = True):
-    concept, seconds, size = tuned_concept(w, identity, settings, steps, tune_offsets)
+    concept, seconds, size = tuned_concept(
+        w, identity, settings, steps, tune_offsets, biases="default" if tune_offsets else "off"
+    )
     images = sample_e4t(w.concept_model(concept.tensors), settings)
     return images, seconds, size
 
 
 def run_e4t_with_biases(w: World, identity, settings: EvalSettings, steps: int):
     """E4T-N with the UNet's biases and normalization parameters tuned too (``e4t tune --bias-lr``)."""
-    concept, seconds, size = tuned_concept(w, identity, settings, steps, bias_learning_rate=settings.bias_learning_rate)
+    concept, seconds, size = tuned_concept(w, identity, settings, steps, biases="on")
     return sample_e4t(w.concept_model(concept.tensors), settings), seconds, size
 
 
@@ -283,12 +289,13 @@ def tuned_concept(
     steps: int,
     tune_offsets: bool = True,
     model=None,
-    bias_learning_rate: Optional[float] = None,
+    biases: str = "default",
 ):
     """The concept ``e4t tune`` writes for ``identity``'s portrait after ``steps`` steps, as read back from its file.
 
     ``model``: a fresh model to tune with the domain's fallback defaults (default: the pre-trained domain).
-    ``bias_learning_rate``: also tune the bias changes (``e4t tune --bias-lr``).
+    ``biases``: "default" tunes the bias changes as ``e4t tune`` would, "off" leaves them out, "on" tunes
+    them even where the domain does not.
     """
     from e4t_minifaces import minifaces_domain
     from e4tcli.io.concept import load_concept, save_concept
@@ -301,6 +308,7 @@ def tuned_concept(
     reference = world.portrait(identity)
     started = time.perf_counter()
     features = backbone_features(w.backbone, [reference], model.encoder_config.backbone_layers)
+    mask = domain.loss_mask(reference) if settings.e4t_loss_mask and domain.loss_mask is not None else None
     if steps:
         from diffusers import DDPMScheduler
 
@@ -319,7 +327,7 @@ def tuned_concept(
             offset_learning_rate=tune.offset_learning_rate
             if settings.e4t_offset_learning_rate is None
             else settings.e4t_offset_learning_rate,
-            bias_learning_rate=bias_learning_rate,
+            bias_learning_rate=bias_rate(settings, tune, biases),
         )
         try:
             tune_concept(
@@ -329,6 +337,7 @@ def tuned_concept(
                 domain.prompt_templates,
                 tuning,
                 DDPMScheduler.from_config(model.base.scheduler_config),
+                mask,
             )
         finally:
             for parameter in offset_parameters(model.offsets):
@@ -342,13 +351,25 @@ def tuned_concept(
     return concept, seconds, size
 
 
+def bias_rate(settings: EvalSettings, tune, biases: str) -> Optional[float]:
+    """The bias changes' rate for ``tuned_concept``'s ``biases`` ("default", "off" or "on")."""
+    from e4tcli.api.tuning import bias_rate as tuning_bias_rate
+
+    if biases == "off":
+        return None
+    rate = tuning_bias_rate(settings.bias_learning_rate, tune.bias_learning_rate)
+    return rate if biases == "default" else rate or BIAS_LR
+
+
 def run_exported(
     w: World, identity, settings: EvalSettings, steps: int, rank: Optional[int], steps_averaged: str = "all"
 ):
     """E4T-N exported as ``e4t export --format diffusers`` does (the fixed embedding, and a LoRA of ``rank``;
-    None: the embedding alone, 0: full rank) and drawn by a plain diffusers pipeline that loads the files."""
-    from safetensors.torch import save_file
+    None: the embedding alone, 0: full rank; with the LoRA, the bias changes where the concept has them) and
+    drawn by a plain diffusers pipeline that loads the files as the export's README does."""
+    from safetensors.torch import load_file, save_file
 
+    from e4tcli.export import bias_change_tensors
     from e4tcli.export.embedding import EmbeddingSettings, fixed_embedding
     from e4tcli.export.lora import factor_offsets, peft_tensors
     from e4tcli.io.concept import stored_tensors
@@ -364,6 +385,13 @@ def run_exported(
         pipe.load_textual_inversion(str(embedding_file), token=token)
         size = embedding_file.stat().st_size
         if rank is not None:
+            changes = stored_tensors(bias_change_tensors(model))
+            if changes:
+                biases_file = Path(tmp) / "bias_changes.safetensors"
+                save_file(changes, str(biases_file))
+                for name, change in load_file(str(biases_file)).items():
+                    pipe.unet.get_parameter(name).data += change.to(pipe.unet.dtype)
+                size += biases_file.stat().st_size
             save_file(stored_tensors(peft_tensors(factor_offsets(model, rank))), str(lora_file))
             pipe.load_lora_weights(tmp, weight_name=lora_file.name)
             size += lora_file.stat().st_size
