@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         "--bias-lr",
         type=float,
         help="E4T's tuning rate of the UNet's bias changes (default: the domain's; 0: not tuned);"
-        f" e4t-biases-N tunes them at {BIAS_LR} where neither sets one",
+        f" e4t-biases-N tunes them at {BIAS_LR} where neither sets a rate (0 included)",
     )
     parser.add_argument(
         "--concept-precision", default="int8", help="how E4T's concept file stores its tensors (int8, fp16, fp32)"

@@ -128,5 +128,26 @@ def test_tune_with_bias_lr_stores_the_changes_and_export_carries_them_in_the_dif
     assert runner.invoke(app, [*tune, "--bias-lr", "0"]).exit_code == 0
     assert not any(k.startswith(PREFIX) for k in load_concept(plain).tensors)
     assert read_concept_info(plain)["tuning"]["bias_learning_rate"] is None
+    # an export into the same folder must not leave the other concept's changes beside its files
+    again = ["export", str(plain), "--format", "diffusers", "--out", str(folder)]
+    assert runner.invoke(app, again).exit_code == 2  # an earlier export is there: --force is needed
+    assert runner.invoke(app, [*again, "--force"]).exit_code == 0
+    assert not (folder / "bias_changes.safetensors").exists()
     result = runner.invoke(app, ["export", str(plain), "--format", "kohya", "--out", str(tmp_path / "y"), "--json"])
     assert json.loads(result.stdout)["bias_changes_left_out"] == 0
+
+
+def test_the_sdxl_readme_adds_the_bias_changes_before_the_lora_on_the_unets_device():
+    from types import SimpleNamespace
+
+    from e4tcli.export import diffusers_readme, export_file_names
+    from e4tcli.models.family import SDXL
+
+    family = SimpleNamespace(name=SDXL, pipeline_class="StableDiffusionXLPipeline", label="Stable Diffusion XL")
+    info = {"domain": "art", "base_model": {"source": "owner/sdxl", "fingerprint": "0" * 16}}
+    readme = diffusers_readme("tok", info, export_file_names("diffusers", "tok", bias_changes=True), family)
+    code = readme.split("```python\n")[1].split("```")[0]
+    compile(code, "readme", "exec")
+    assert code.count("from safetensors.torch import load_file") == 1
+    assert code.index("bias_changes.safetensors") < code.index("load_lora_weights")
+    assert "change.to(parameter.device, parameter.dtype)" in code

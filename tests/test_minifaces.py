@@ -233,6 +233,8 @@ def test_tune_weighs_its_loss_by_the_domains_mask(tmp_path):
 
     domain = minifaces_domain()
     assert domain.loss_mask is face_region
+    kept = np.asarray(face_region(Image.open(EXAMPLES / "mira.png"))) > 0
+    assert 0.1 < kept.mean() < 0.8  # the demo portrait's mask keeps the face, not the whole image
     assert min(tune_with(domain, "masked.safetensors")) > 0
     keeps_nothing = replace(domain, loss_mask=lambda image: Image.new("L", image.size, 0))
     assert tune_with(keeps_nothing, "nothing.safetensors") == [0.0, 0.0]

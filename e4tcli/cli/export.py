@@ -85,7 +85,7 @@ def export(
     )
     if result.bias_changes_left_out:
         console.print(
-            f"The concept's {result.bias_changes_left_out:,} bias changes (tune --bias-lr) are not exported: "
+            f"The concept's {result.bias_changes_left_out:,} bias changes are not exported: "
             "a kohya LoRA changes weights only, so it draws the concept without them (--format diffusers keeps them).",
             markup=False,
             highlight=False,

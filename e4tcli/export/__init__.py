@@ -130,7 +130,8 @@ def export(options: ExportOptions) -> ExportResult:
     check_token(token, vocabulary)
     changes = bias_change_tensors(model)
     names = export_file_names(options.format, token, bool(changes))
-    for name in names.values():
+    stale_changes = options.format == "diffusers" and not changes  # another concept's, from an earlier export
+    for name in [*names.values(), *([BIAS_CHANGES_FILE] if stale_changes else [])]:
         check_new_file(out / name, options.force)
 
     embedding = fixed_embedding(model, info["tuning"]["resolution"], options.embedding)
@@ -164,6 +165,8 @@ def export(options: ExportOptions) -> ExportResult:
             save_safetensors(contents[role], temporary[role], metadata)
         if "readme" in temporary:
             temporary["readme"].write_text(diffusers_readme(token, info, names, model.family))
+    if stale_changes:
+        (out / BIAS_CHANGES_FILE).unlink(missing_ok=True)
     left_out = 0 if "biases" in names else sum(value.numel() for value in changes.values())
     return ExportResult(
         [out / name for name in names.values()], token, rank, kept, time.perf_counter() - start, left_out
@@ -199,7 +202,8 @@ def diffusers_readme(token: str, info: dict, names: dict[str, str], family) -> s
             imports += "\nfrom safetensors.torch import load_file"
         load_embedding += (
             f'\nfor name, change in load_file("{names["biases"]}").items():  # before the LoRA, which renames layers\n'
-            "    pipe.unet.get_parameter(name).data += change.to(pipe.unet.dtype)"
+            "    parameter = pipe.unet.get_parameter(name)\n"
+            "    parameter.data += change.to(parameter.device, parameter.dtype)"
         )
     return f"""# {token}: an e4t concept for diffusers
 

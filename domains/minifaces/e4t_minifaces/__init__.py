@@ -21,7 +21,7 @@ EXAMPLES = Path(__file__).parent / "examples"
 def minifaces_domain() -> Domain:
     # From the pre-trained domain, the encoder at lr 5e-4 keeps more of the prompted scene than 1e-3 or 3e-3
     # for the same identity, and the offsets need 1e-2 to add identity in 5 steps. A batch of 4 with the bias
-    # changes at 3e-3 keeps the identity of a batch of 16 without them in a third of the time; tuned from zero
+    # changes at 3e-3 keeps the identity of a batch of 16 without them in about half the time; tuned from zero
     # (no checkpoint), 10 steps at 3e-3 throughout, at batch 16, come within 0.05 of the pre-trained domain's
     # margin (docs/minifaces.md, "The tuning learning rate", "The offsets' learning rate", "The tuning batch
     # and the bias changes" and "Without a domain checkpoint").
