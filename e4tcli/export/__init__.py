@@ -81,9 +81,9 @@ def export_file_names(format: str, token: str, bias_changes: bool = False) -> di
 def bias_change_tensors(model) -> dict:
     """The concept's bias changes keyed by the plain UNet's parameter names: adding each to that parameter
     draws what e4t's hooks draw (``tests/test_bias_offsets.py``). Empty when the concept has none."""
-    if model.biases is None:
-        return {}
-    return {name: value.detach().float().cpu() for name, value in model.biases.by_name.items()}
+    from e4tcli.models.bias_offsets import stored_changes
+
+    return {} if model.biases is None else stored_changes(model.biases.state()) or {}
 
 
 def default_token(concept_path: Path, vocabulary: set[str]) -> str:
