@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -153,6 +154,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--frozen-offsets", action="store_true", help="a diagnosis: pre-train the encoder alone, offsets at zero"
     )
+    parser.add_argument(
+        "--pretrain-bias-lr",
+        type=float,
+        help="pre-train the UNet's bias changes with the domain at this rate (default: the domain's)",
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_loss_mask_arg(parser)
     add_common_args(parser)
@@ -169,6 +175,9 @@ def main(argv=None) -> int:
     from e4tcli.stopping import Interrupted
 
     weights = args.weights or WEIGHTS
+    domain = minifaces_domain()
+    if args.pretrain_bias_lr is not None:
+        domain = replace(domain, pretrain=replace(domain.pretrain, bias_learning_rate=args.pretrain_bias_lr or None))
     if args.without_unet_features:
         zero_unet_features()
     if args.timestep_bias:
@@ -211,7 +220,7 @@ def main(argv=None) -> int:
             os.kill(os.getpid(), signal.SIGINT)  # pre-training saves a resumable checkpoint and stops
 
     try:
-        api.pretrain(options, minifaces_domain(), on_step=on_step)
+        api.pretrain(options, domain, on_step=on_step)
     except Interrupted as stopped:
         print(f"training stopped early: {stopped}", file=sys.stderr)
     train_seconds = time.perf_counter() - started
@@ -243,6 +252,7 @@ def main(argv=None) -> int:
                     "per attribute (head skin eyes spacing mouth hair colour)": " ".join(
                         f"{value:+.2f}" for value in score.attribute_margin.values()
                     ),
+                    "per_identity_margin": [round(m, 4) for m in score.per_identity_margin],
                 }
             )
         (args.work / "curve.json").write_text(json.dumps({"train_seconds": train_seconds, "rows": rows}, indent=1))
@@ -250,7 +260,7 @@ def main(argv=None) -> int:
         print(json.dumps({"train_seconds": train_seconds, "rows": rows}), file=json_out)
         return 0
     print_table(
-        rows,
+        [{k: v for k, v in row.items() if k != "per_identity_margin"} for row in rows],
         title=f"{args.portraits} portraits, {args.identities} held-out identities, trained {train_seconds / 60:.1f} min",
     )
     return 0

@@ -61,6 +61,35 @@ def save_grid(path: Path, rows: list[list]) -> None:
         grid.save(tmp, format="PNG", optimize=True)
 
 
+TUNE_TIMESTEPS = {
+    "uniform": (0.0, False),
+    "above-quarter": (0.25, False),
+    "above-half": (0.5, False),
+    "sqrt": (0.0, True),
+}
+
+
+def draw_tuning_timesteps(name: str) -> None:
+    """E4T's tuning steps draw t = low * T + v * (1 - low) * T, v uniform (or the square root of one) in
+    [0, 1), instead of uniform over [0, T): a lever, measured in docs/minifaces.md; pre-training is unchanged."""
+    import torch
+
+    import e4tcli.training.tune as tune
+
+    low, square_root = TUNE_TIMESTEPS[name]
+    step = tune.training_step
+
+    def drawn(model, batch, noise_scheduler, lambda_emb, lambda_weights, generator=None):
+        total = noise_scheduler.config.num_train_timesteps
+        start = int(low * total)
+        v = torch.rand(batch.latents.shape[0], generator=generator, device=batch.latents.device)
+        v = v.sqrt() if square_root else v
+        batch.timesteps = (start + v * (total - start)).long().clamp(max=total - 1)
+        return step(model, batch, noise_scheduler, lambda_emb, lambda_weights, generator)
+
+    tune.training_step = drawn
+
+
 def main(argv=None) -> int:
     from e4t_minifaces.evaluate import BIAS_LR
 
@@ -106,12 +135,21 @@ def main(argv=None) -> int:
         action="store_true",
         help="also print each method's margin per identity attribute (which attributes it carries)",
     )
+    parser.add_argument(
+        "--tune-timesteps",
+        choices=list(TUNE_TIMESTEPS),
+        default="uniform",
+        help="a lever: E4T's tuning draws its timesteps over all of [0, T) (e4t tune's), above T/4, above T/2, "
+        "or as T * sqrt(u)",
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_loss_mask_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     apply_common_args(args)
     json_out = reserve_stdout_for_json(args.json)
+    if args.tune_timesteps != "uniform":
+        draw_tuning_timesteps(args.tune_timesteps)
 
     from e4t_minifaces import WEIGHTS, world
     from e4t_minifaces.evaluate import EvalSettings, World, chance_identity_score, evaluate

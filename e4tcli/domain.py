@@ -28,8 +28,9 @@ class PhaseDefaults:
     offsets at a rate that suits the encoder barely move; a higher rate lets them take part. Tuning only
     (``tune`` and ``fallback``): pre-training trains the offsets at ``learning_rate``."""
     bias_learning_rate: Optional[float] = None
-    """Also tune additive changes to the UNet's biases and normalization parameters, from zero, at this rate
-    (``e4t tune --bias-lr``; None: not tuned). Tuning only: pre-training leaves them as the base model has them."""
+    """Also train additive changes to the UNet's biases and normalization parameters at this rate (``--bias-lr``;
+    None: not trained). In ``pretrain`` the domain checkpoint then holds them and tuning starts from them; in
+    ``tune`` and ``fallback`` they are tuned from there, or from zero where the checkpoint has none."""
 
 
 OFFSET_KINDS = ("paper", "lowrank")

@@ -96,6 +96,16 @@ def lambda_weights_option():
     return option(None, "Weight of ||dW||^2 (default: the domain's).", minimum=0.0)
 
 
+def bias_learning_rate_option(verb: str):
+    return option(
+        None,
+        f"Also {verb} the UNet's biases and normalization parameters, additively, at this learning rate"
+        f" (default: the domain's; 0: not {verb}d).",
+        names=("--bias-lr",),
+        minimum=0.0,
+    )
+
+
 # ------------------------------------------------------------------ pretrain
 @dataclass
 class PretrainOptions:
@@ -138,6 +148,7 @@ class PretrainOptions:
     ema_decay: float = option(0.0, "Keep an EMA of the trained weights (e.g. 0.999).", minimum=0.0, maximum=1.0)
     lambda_emb: Optional[float] = lambda_emb_option()
     lambda_weights: Optional[float] = lambda_weights_option()
+    bias_learning_rate: Optional[float] = bias_learning_rate_option("pre-train")
     force: bool = option(False, "Start over in an --out folder that already holds files.")
 
     def __post_init__(self):
@@ -173,13 +184,7 @@ class TuneOptions:
         names=("--offset-lr",),
         minimum=0.0,
     )
-    bias_learning_rate: Optional[float] = option(
-        None,
-        "Also tune the UNet's biases and normalization parameters, additively from zero, at this learning rate"
-        " (default: the domain's; 0: not tuned).",
-        names=("--bias-lr",),
-        minimum=0.0,
-    )
+    bias_learning_rate: Optional[float] = bias_learning_rate_option("tune")
     resolution: Optional[int] = option(
         None, "Training resolution (default: the checkpoint's, else the domain's).", minimum=8
     )

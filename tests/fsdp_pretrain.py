@@ -34,8 +34,11 @@ class ShardingAccelerator:
         from torch.distributed.tensor import DTensor
 
         policy = self.state.fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy()
+        names = {id(p): name for name, p in module.named_parameters()}
         fully_shard(module, mesh=init_device_mesh("cpu", (self._accelerator.num_processes,)), mp_policy=policy)
-        optimizer.param_groups[0]["params"] = list(module.parameters())
+        sharded = dict(module.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         assert all(isinstance(p, DTensor) for p in module.parameters())
         return module, optimizer
 

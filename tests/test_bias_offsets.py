@@ -151,3 +151,54 @@ def test_the_sdxl_readme_adds_the_bias_changes_before_the_lora_on_the_unets_devi
     assert code.count("from safetensors.torch import load_file") == 1
     assert code.index("bias_changes.safetensors") < code.index("load_lora_weights")
     assert "change.to(parameter.device, parameter.dtype)" in code
+
+
+def test_pretrained_bias_changes_resume_exactly_and_are_where_tuning_starts(
+    tmp_path, tiny_sd, tiny_backbone, photo_folder
+):
+    from typer.testing import CliRunner
+
+    from e4tcli.cli import app
+    from e4tcli.io.concept import read_concept_info
+    from tests.test_pretrain_robust import losses
+
+    runner = CliRunner()
+    common = ["--domain", "cats", "--data", str(photo_folder), "--base-model", str(tiny_sd)]
+    common += ["--backbone", str(tiny_backbone), "--batch-size", "2", "--resolution", "64"]
+    common += ["--encoder-hidden-dim", "32", "--device", "cpu", "--bias-lr", "1e-2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert runner.invoke(app, ["pretrain", *common, "--out", str(straight), "--steps", "3"]).exit_code == 0
+    assert runner.invoke(app, ["pretrain", *common, "--out", str(split), "--steps", "1"]).exit_code == 0
+    resumed = runner.invoke(app, ["pretrain", *common, "--out", str(split), "--steps", "3", "--resume", "latest"])
+    assert resumed.exit_code == 0, resumed.output
+    checkpoint = straight / "checkpoint-0000003"
+    mismatched = runner.invoke(
+        app, ["pretrain", *common[:-2], "--out", str(split), "--steps", "4", "--resume", "latest"]
+    )
+    assert mismatched.exit_code == 2 and "pre-trains bias changes" in mismatched.output
+    plain = tmp_path / "plain"
+    assert runner.invoke(app, ["pretrain", *common[:-2], "--out", str(plain), "--steps", "1"]).exit_code == 0
+    mismatched = runner.invoke(app, ["pretrain", *common, "--out", str(plain), "--steps", "2", "--resume", "latest"])
+    assert mismatched.exit_code == 2 and "--bias-lr 0" in mismatched.output
+    domain = load_file(str(checkpoint / "model.safetensors"))
+    again = load_file(str(split / "checkpoint-0000003" / "model.safetensors"))
+    assert losses(split) == losses(straight)
+    assert domain.keys() == again.keys() and all(torch.equal(domain[k], again[k]) for k in domain)
+    pretrained = {k: v for k, v in domain.items() if k.startswith(PREFIX)}
+    unet = load_base_model(str(tiny_sd)).unet
+    assert set(pretrained) == {PREFIX + name for name in bias_targets(unet)}
+    assert all(v.abs().max() > 0 for v in pretrained.values())  # three Adam steps move every change
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["training"]["bias_learning_rate"] == 1e-2
+
+    image = str(photo_folder / "chelsea.png")
+    tune = ["tune", image, "--checkpoint", str(checkpoint), "--base-model", str(tiny_sd), "--backbone"]
+    tune += [str(tiny_backbone), "--domain", "cats", "--steps", "1", "--device", "cpu"]
+    frozen, tuned = tmp_path / "frozen.safetensors", tmp_path / "tuned.safetensors"
+    assert runner.invoke(app, [*tune, "--bias-lr", "0", "--out", str(frozen)]).exit_code == 0
+    assert runner.invoke(app, [*tune, "--bias-lr", "1e-3", "--out", str(tuned)]).exit_code == 0
+    kept, moved = load_concept(frozen).tensors, load_concept(tuned).tensors
+    assert read_concept_info(frozen)["tuning"]["bias_learning_rate"] is None
+    assert all(torch.equal(kept[k], v.half()) for k, v in pretrained.items())  # the domain's (stored fp16), untouched
+    steps = [(moved[k].float() - v).abs().max().item() for k, v in pretrained.items()]
+    assert 0 < max(steps) and max(steps) < 2e-3  # one step of 1e-3 from the domain's, not from zero

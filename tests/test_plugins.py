@@ -255,7 +255,7 @@ def test_bad_offset_defaults_are_rejected(offsets, problem):
 def test_a_tuning_bias_rate_is_optional_positive_and_overridden_by_the_option():
     from dataclasses import replace
 
-    from e4tcli.api.tuning import bias_rate
+    from e4tcli.api.common import bias_rate
     from e4tcli.domain import validate_domain
 
     cats = load_registry().get("cats").domain

@@ -384,6 +384,16 @@ def test_deepspeed_settings_e4t_cannot_honour_are_refused(config, optimizer, mes
         configure_deepspeed(fake_deepspeed_accelerator(config), 2, 1, optimizer)
 
 
+def test_deepspeed_refuses_to_pretrain_bias_changes():
+    from e4tcli.errors import UsageError
+    from e4tcli.training.deepspeed_state import configure_deepspeed
+
+    config = {"zero_optimization": {"stage": 2}}
+    configure_deepspeed(fake_deepspeed_accelerator(config), 2, 1, "adamw")
+    with pytest.raises(UsageError, match="--bias-lr"):
+        configure_deepspeed(fake_deepspeed_accelerator(config), 2, 1, "adamw", bias_changes=True)
+
+
 @pytest.mark.parametrize(
     "zero, dtype, message",
     [

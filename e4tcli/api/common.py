@@ -16,13 +16,21 @@ def installed_base_model(domain_name: str) -> Optional[str]:
     return registered.domain.base_model if registered else None
 
 
-DOMAIN_DEFAULTED = frozenset({"steps", "learning_rate", "batch_size", "lambda_emb", "lambda_weights", "resolution"})
+DOMAIN_DEFAULTED = frozenset(
+    {"steps", "learning_rate", "batch_size", "lambda_emb", "lambda_weights", "resolution", "bias_learning_rate"}
+)
 """Options whose ``None`` means the domain's default (``phase_values``); every other option that the
 training loop's settings share with the options is passed on as it is."""
 
 
+def bias_rate(option: Optional[float], default: Optional[float]) -> Optional[float]:
+    """The bias changes' rate: ``--bias-lr`` where given (0: not trained), else the domain's (None: not trained)."""
+    rate = default if option is None else option
+    return rate or None
+
+
 def phase_values(options, defaults, domain: Domain) -> dict:
-    """Steps, learning rate, batch size and loss weights: the option when given, else the domain's default."""
+    """Steps, learning rates, batch size and loss weights: the option when given, else the domain's default."""
 
     def pick(value, default):
         return default if value is None else value
@@ -33,6 +41,7 @@ def phase_values(options, defaults, domain: Domain) -> dict:
         "batch_size": pick(options.batch_size, defaults.batch_size),
         "lambda_emb": pick(options.lambda_emb, defaults.lambda_emb),
         "lambda_weights": pick(options.lambda_weights, domain.lambda_weights),
+        "bias_learning_rate": bias_rate(options.bias_learning_rate, defaults.bias_learning_rate),
     }
 
 

@@ -88,12 +88,6 @@ def tuning_defaults(domain: Domain, from_base: bool):
     return domain.fallback_defaults() if from_base else domain.tune
 
 
-def bias_rate(option: Optional[float], default: Optional[float]) -> Optional[float]:
-    """The bias changes' tuning rate: ``--bias-lr`` where given (0: not tuned), else the domain's (None: not tuned)."""
-    rate = default if option is None else option
-    return rate or None
-
-
 def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress: bool = True) -> TuneResult:
     """Write the concept. Without a domain checkpoint (``--checkpoint none``, or a domain that names
     none) the encoder head and the offsets start at zero and train for the domain's fallback steps.
@@ -177,7 +171,6 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress:
         resolution=resolution,
         seed=options.seed,
         offset_learning_rate=offset_learning_rate,
-        bias_learning_rate=bias_rate(options.bias_learning_rate, defaults.bias_learning_rate),
     )
     mask = domain.loss_mask(image) if domain.loss_mask is not None else None
     losses = tune_concept(

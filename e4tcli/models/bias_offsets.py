@@ -58,21 +58,26 @@ class BiasOffsets(nn.Module):
             size = change_size(module)
             start = torch.zeros(size) if values is None else values[name].float().reshape(size)
             self.changes.append(nn.Parameter(start.to(device)))
-        self.by_name = dict(zip(targets, self.changes))
+        self.names = list(targets)
         self.handles = [
             module.register_forward_hook(self._hook_for(name.rsplit(".", 1)[0], module))
             for name, module in targets.items()
             if not name.endswith(".weight")
         ]
 
+    @property
+    def by_name(self) -> dict[str, nn.Parameter]:
+        return dict(zip(self.names, self.changes))
+
     def _hook_for(self, module_name: str, module: nn.Module):
-        shift = self.by_name[f"{module_name}.bias"]
+        """The hook reads its parameters from ``changes`` at each call: FSDP swaps them for its own."""
+        shift_index = self.names.index(f"{module_name}.bias")
         if isinstance(module, NORMS):
-            scale = self.by_name[f"{module_name}.weight"]
+            scale_index = self.names.index(f"{module_name}.weight")
 
             def renormalize(norm, inputs, _output):
-                weight = norm.weight + scale.to(norm.weight.dtype)
-                bias = norm.bias + shift.to(norm.bias.dtype)
+                weight = norm.weight + self.changes[scale_index].to(norm.weight.dtype)
+                bias = norm.bias + self.changes[shift_index].to(norm.bias.dtype)
                 if isinstance(norm, nn.GroupNorm):
                     return F.group_norm(inputs[0], norm.num_groups, weight, bias, norm.eps)
                 return F.layer_norm(inputs[0], norm.normalized_shape, weight, bias, norm.eps)
@@ -81,7 +86,7 @@ class BiasOffsets(nn.Module):
         is_conv = isinstance(getattr(module, "base_layer", module), nn.Conv2d)
 
         def add_shift(_layer, _inputs, output):
-            change = shift.to(output.dtype)
+            change = self.changes[shift_index].to(output.dtype)
             return output + (change[:, None, None] if is_conv else change)
 
         return add_shift

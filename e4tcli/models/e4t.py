@@ -9,6 +9,7 @@ import torch
 from e4tcli.device import Placement
 from e4tcli.domain import PLACEHOLDER
 from e4tcli.errors import UsageError
+from e4tcli.models.bias_offsets import PREFIX as BIAS_PREFIX
 from e4tcli.models.bias_offsets import BiasOffsets, stored_changes
 from e4tcli.models.encoder import ConceptEncoder, E4TEncoder, EncoderConfig
 from e4tcli.models.loading import BaseModel
@@ -215,9 +216,10 @@ class E4TModel:
 
     # --- parameters -------------------------------------------------------
     def start_bias_offsets(self) -> BiasOffsets:
-        """Fresh (zero) additive changes to the UNet's biases and normalization parameters, replacing any."""
-        self.remove_bias_offsets()
-        self.biases = BiasOffsets(self.unet)
+        """Additive changes to the UNet's biases and normalization parameters: those the model holds (a
+        domain's pre-trained ones), else fresh ones at zero."""
+        if self.biases is None:
+            self.biases = BiasOffsets(self.unet)
         return self.biases
 
     def remove_bias_offsets(self) -> None:
@@ -236,6 +238,8 @@ class E4TModel:
         named = {f"encoder.{k}": v for k, v in self.encoder.named_parameters()}
         for name, layer in self.offsets.items():
             named.update({f"offsets.{name}.{k}": v for k, v in layer.offset.named_parameters()})
+        if self.biases is not None:
+            named.update({f"{BIAS_PREFIX}{k}": v for k, v in self.biases.by_name.items()})
         return named
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -243,14 +247,22 @@ class E4TModel:
         state = {f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()}
         for name, layer in self.offsets.items():
             state.update({f"offsets.{name}.{k}": v.detach().clone() for k, v in layer.offset.state_dict().items()})
+        if self.biases is not None:
+            state.update(self.biases.state())
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Encoder, offsets and, where ``state`` has them (a domain that pre-trains them), the bias changes;
+        bias changes the model held before are dropped."""
         encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         self.encoder.load_state_dict(encoder_state)
         for name, layer in self.offsets.items():
             prefix = f"offsets.{name}."
             layer.offset.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+        self.remove_bias_offsets()
+        changes = stored_changes(state)
+        if changes is not None:
+            self.biases = BiasOffsets(self.unet, changes)
 
     def concept_state_dict(self, image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """What generation needs: the encoder folded on the reference (``image_features``, needed unless the

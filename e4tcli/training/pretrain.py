@@ -31,6 +31,7 @@ from e4tcli.domain import PLACEHOLDER, fill_template, plain_templates, template_
 from e4tcli.errors import RuntimeFailure, UsageError
 from e4tcli.io.training_state import prune_checkpoints, read_training_state, save_training_checkpoint
 from e4tcli.memory import peak_rss_mb
+from e4tcli.models.bias_offsets import PREFIX as BIAS_PREFIX
 from e4tcli.models.e4t import E4TModel
 from e4tcli.models.loading import Backbone, backbone_features
 from e4tcli.models.weight_offsets import share_factors, unshare_factors
@@ -141,13 +142,17 @@ def make_batch(
 
 
 class TrainableParts(nn.Module):
-    """The encoder and the offsets as ONE module, so DDP/FSDP see exactly the trained parameters."""
+    """The encoder, the offsets and the bias changes (when the model has them) as ONE module, so DDP/FSDP
+    see exactly the trained parameters."""
 
     def __init__(self, model: E4TModel):
         super().__init__()
         self.encoder = model.encoder
         self.offsets = nn.ModuleList(layer.offset for layer in model.offsets.values())
         self.offset_names = list(model.offsets)
+        self.bias_names = list(model.biases.names) if model.biases is not None else []
+        if model.biases is not None:
+            self.biases = model.biases.changes
         object.__setattr__(self, "model", model)
 
     def forward(self, batch: Batch, noise_scheduler, lambda_emb: float, lambda_weights: float):
@@ -157,23 +162,53 @@ class TrainableParts(nn.Module):
         return losses.total, torch.stack([losses.total, losses.denoising, losses.embedding, losses.weights]).detach()
 
     def checkpoint_names(self, state: dict) -> dict:
-        """This module's names ("offsets.3.row") -> the domain checkpoint's ("offsets.<layer path>.row")."""
+        """This module's names ("offsets.3.row", "biases.7") -> the domain checkpoint's ("offsets.<layer
+        path>.row", "biases.<module path>.bias")."""
         renamed = {}
         for key, value in state.items():
             if key.startswith("offsets."):
                 _, index, rest = key.split(".", 2)
                 key = f"offsets.{self.offset_names[int(index)]}.{rest}"
+            elif key.startswith("biases."):
+                key = f"biases.{self.bias_names[int(key.removeprefix('biases.'))]}"
             renamed[key] = value
         return renamed
 
     def part_names(self, state: dict) -> dict:
         """The inverse of ``checkpoint_names``."""
         prefixes = {f"offsets.{name}.": f"offsets.{index}." for index, name in enumerate(self.offset_names)}
+        biases = {f"biases.{name}": f"biases.{index}" for index, name in enumerate(self.bias_names)}
         renamed = {}
         for key, value in state.items():
+            if key in biases:
+                renamed[biases[key]] = value
+                continue
             prefix = max((p for p in prefixes if key.startswith(p)), key=len, default=None)
             renamed[prefixes[prefix] + key.removeprefix(prefix) if prefix else key] = value
         return renamed
+
+    def parameter_groups(self, bias_learning_rate: Optional[float]) -> list[dict]:
+        """One group at the run's rate; the bias changes in a second at ``bias_learning_rate`` if given."""
+        if not self.bias_names or bias_learning_rate is None:
+            return [{"params": list(self.parameters())}]
+        changes = {id(p) for p in self.biases.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in changes]
+        return [{"params": rest}, {"params": list(self.biases.parameters()), "lr": bias_learning_rate}]
+
+
+def check_same_bias_changes(tensors: dict, pretrains_them: bool) -> None:
+    """A run resumes only a checkpoint that holds bias changes exactly when it pre-trains them."""
+    saved = any(key.startswith(BIAS_PREFIX) for key in tensors)
+    if saved and not pretrains_them:
+        raise UsageError(
+            "the checkpoint pre-trains bias changes, this run does not",
+            hint="resume with the --bias-lr the run started with",
+        )
+    if pretrains_them and not saved:
+        raise UsageError(
+            "this run pre-trains bias changes (--bias-lr), the checkpoint has none",
+            hint="resume with --bias-lr 0, or start a new run",
+        )
 
 
 def make_optimizer(parameters, settings: PretrainSettings):
@@ -291,14 +326,22 @@ class PretrainRun:
                 hint="make --batch-size a multiple of processes x --gradient-accumulation",
             )
         if is_deepspeed(accelerator):
-            configure_deepspeed(accelerator, self.per_device, settings.gradient_accumulation, settings.optimizer)
+            configure_deepspeed(
+                accelerator,
+                self.per_device,
+                settings.gradient_accumulation,
+                settings.optimizer,
+                bias_changes=settings.bias_learning_rate is not None,
+            )
         held = settings.validation_images if settings.validate_every and settings.validation_images > 0 else 0
         self.held_out = list(range(max(0, len(dataset) - held), len(dataset)))
         train_indices = list(range(len(dataset) - len(self.held_out))) or list(range(len(dataset)))
 
         torch.manual_seed(settings.seed)
+        if settings.bias_learning_rate is not None:
+            job.model.start_bias_offsets()
         self.trainable = TrainableParts(job.model)
-        optimizer = make_optimizer(self.trainable.parameters(), settings)
+        optimizer = make_optimizer(self.trainable.parameter_groups(settings.bias_learning_rate), settings)
         self.parts, self.optimizer = accelerator.prepare(self.trainable, optimizer)
         self.parameters = job.model.named_trainable_parameters()
         self.start, self.ema = self._restore()
@@ -321,6 +364,7 @@ class PretrainRun:
         start, ema = 0, None
         if job.resume is not None:
             state = read_training_state(job.resume, job.checkpoint_config)
+            check_same_bias_changes(state.tensors, bool(self.trainable.bias_names))
             load_full_state(self.parts, self.optimizer, self.trainable.part_names(state.tensors), state.optimizer)
             if job.accelerator.scaler is not None and state.scaler:
                 job.accelerator.scaler.load_state_dict(state.scaler)

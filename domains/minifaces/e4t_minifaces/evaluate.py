@@ -353,7 +353,7 @@ def tuned_concept(
 
 def bias_rate(settings: EvalSettings, tune, biases: str) -> Optional[float]:
     """The bias changes' rate for ``tuned_concept``'s ``biases`` ("default", "off" or "on")."""
-    from e4tcli.api.tuning import bias_rate as tuning_bias_rate
+    from e4tcli.api.common import bias_rate as tuning_bias_rate
 
     if biases == "off":
         return None
