@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--pretrain-bias-lr",
         type=float,
-        help="pre-train the UNet's bias changes with the domain at this rate (default: the domain's)",
+        help="pre-train the UNet's bias changes with the domain at this rate (default: the domain's; 0: not)",
     )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_loss_mask_arg(parser)

@@ -100,7 +100,7 @@ def bias_learning_rate_option(verb: str):
     return option(
         None,
         f"Also {verb} the UNet's biases and normalization parameters, additively, at this learning rate"
-        f" (default: the domain's; 0: not {verb}d).",
+        f" (default: the domain's; 0: not {verb}d; a domain checkpoint's pre-trained ones are kept).",
         names=("--bias-lr",),
         minimum=0.0,
     )

@@ -10,6 +10,7 @@ from e4tcli import __version__
 from e4tcli.api.common import (
     DOMAIN_DEFAULTED,
     OnStep,
+    bias_rate,
     enable_gradient_checkpointing,
     new_model,
     phase_values,
@@ -82,6 +83,7 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
 
     from e4tcli.io.training_state import resolve_resume
     from e4tcli.models.loading import load_backbone, load_base_model
+    from e4tcli.training.deepspeed_state import refuse_deepspeed_bias_changes
     from e4tcli.training.pretrain import PretrainJob, PretrainSettings, pretrain_domain
 
     start = time.perf_counter()
@@ -91,6 +93,9 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
     resume = resolve_resume(run_dir, options.resume) if options.resume else None
     dataset = domain.dataset(options.data)
     accelerator, placement = make_accelerator(options.device, options.precision, options.gradient_accumulation)
+    refuse_deepspeed_bias_changes(
+        accelerator, bias_rate(options.bias_learning_rate, domain.pretrain.bias_learning_rate)
+    )
     base = load_base_model(options.base_model or domain.base_model, placement.device, placement.dtype)
     backbone = load_backbone(options.backbone or domain.backbone, placement.device, placement.dtype)
     torch.manual_seed(options.seed)

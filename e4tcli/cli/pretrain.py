@@ -64,7 +64,7 @@ def pretrain(
     ] = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Pre-train a domain's encoder and weight offsets (resumable; multi-GPU through accelerate)."""
+    """Pre-train a domain's encoder, weight offsets and (--bias-lr) bias changes; resumable, multi-GPU."""
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         _launch_processes(num_processes)
     from e4tcli import api

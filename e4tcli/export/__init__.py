@@ -62,7 +62,7 @@ class ExportResult:
     """The share of the offsets' change (squared Frobenius norm, all layers) the LoRA holds."""
     seconds: float
     bias_changes_left_out: int = 0
-    """Values of the concept's bias changes (``tune --bias-lr``) left out: the kohya layout has no place for them."""
+    """Values of the concept's bias changes (tuned or pre-trained) left out: the kohya layout has no place for them."""
 
 
 BIAS_CHANGES_FILE = "bias_changes.safetensors"

@@ -1,4 +1,4 @@
-"""Additive changes to the UNet's biases and normalization parameters, tuned beside the weight offsets.
+"""Additive changes to the UNet's biases and normalization parameters, trained beside the weight offsets.
 
 The weight offsets rescale weights (``W * (1 + dW)``): they cannot shift a layer's output, nor change a
 normalization layer's scale and shift. On minifaces those carry what five to fifteen steps of weight
@@ -59,8 +59,9 @@ class BiasOffsets(nn.Module):
             start = torch.zeros(size) if values is None else values[name].float().reshape(size)
             self.changes.append(nn.Parameter(start.to(device)))
         self.names = list(targets)
+        index = {name: i for i, name in enumerate(self.names)}
         self.handles = [
-            module.register_forward_hook(self._hook_for(name.rsplit(".", 1)[0], module))
+            module.register_forward_hook(self._hook_for(name.rsplit(".", 1)[0], module, index))
             for name, module in targets.items()
             if not name.endswith(".weight")
         ]
@@ -69,11 +70,11 @@ class BiasOffsets(nn.Module):
     def by_name(self) -> dict[str, nn.Parameter]:
         return dict(zip(self.names, self.changes))
 
-    def _hook_for(self, module_name: str, module: nn.Module):
+    def _hook_for(self, module_name: str, module: nn.Module, index: dict[str, int]):
         """The hook reads its parameters from ``changes`` at each call: FSDP swaps them for its own."""
-        shift_index = self.names.index(f"{module_name}.bias")
+        shift_index = index[f"{module_name}.bias"]
         if isinstance(module, NORMS):
-            scale_index = self.names.index(f"{module_name}.weight")
+            scale_index = index[f"{module_name}.weight"]
 
             def renormalize(norm, inputs, _output):
                 weight = norm.weight + self.changes[scale_index].to(norm.weight.dtype)

@@ -228,6 +228,7 @@ class E4TModel:
             self.biases = None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The encoder's and the offsets' parameters (the bias changes are a group of their own)."""
         return list(self.encoder.parameters()) + list(offset_parameters(self.offsets))
 
     def offsets_squared_norm(self) -> torch.Tensor:
@@ -243,7 +244,7 @@ class E4TModel:
         return named
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Encoder and offset parameters, as they train (the domain-checkpoint content)."""
+        """Encoder, offset and bias-change parameters, as they train (the domain-checkpoint content)."""
         state = {f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()}
         for name, layer in self.offsets.items():
             state.update({f"offsets.{name}.{k}": v.detach().clone() for k, v in layer.offset.state_dict().items()})
@@ -267,7 +268,7 @@ class E4TModel:
     def concept_state_dict(self, image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """What generation needs: the encoder folded on the reference (``image_features``, needed unless the
         encoder is a concept's already), each offset's two factors (no d x d maps) and the bias changes,
-        when tuned."""
+        when the model has them."""
         encoder = self.encoder
         if isinstance(encoder, E4TEncoder):
             if image_features is None:

@@ -66,21 +66,21 @@ def refuse_unsupported_deepspeed(accelerator, dtype: torch.dtype) -> None:
         raise UsageError("e4t pretrain does not run fp16 under DeepSpeed", hint="use --precision bf16 (or fp32)")
 
 
-def configure_deepspeed(
-    accelerator, micro_batch: int, accumulation: int, optimizer: str, bias_changes: bool = False
-) -> None:
-    """Fit the DeepSpeed config accelerate built (from ``accelerate launch`` or a config file) to e4t.
-
-    ``bias_changes``: the run pre-trains bias changes, a second parameter group, which e4t's gathering of
-    ZeRO's optimizer state (one group) does not carry."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    if optimizer != "adamw":
-        raise UsageError(f"--optimizer {optimizer} does not run under DeepSpeed", hint="use --optimizer adamw")
-    if bias_changes:
+def refuse_deepspeed_bias_changes(accelerator, bias_learning_rate) -> None:
+    """Pre-trained bias changes are a second parameter group, which e4t's gathering of ZeRO's optimizer
+    state (one group) does not carry."""
+    if bias_learning_rate is not None and is_deepspeed(accelerator):
         raise UsageError(
             "pre-training bias changes (--bias-lr) does not run under DeepSpeed",
             hint="launch without DeepSpeed (DDP or FSDP), or pass --bias-lr 0",
         )
+
+
+def configure_deepspeed(accelerator, micro_batch: int, accumulation: int, optimizer: str) -> None:
+    """Fit the DeepSpeed config accelerate built (from ``accelerate launch`` or a config file) to e4t."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if optimizer != "adamw":
+        raise UsageError(f"--optimizer {optimizer} does not run under DeepSpeed", hint="use --optimizer adamw")
     for section in ("optimizer", "scheduler"):
         if section in config:
             raise UsageError(

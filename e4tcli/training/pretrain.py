@@ -3,8 +3,9 @@
 Runs on HuggingFace accelerate: one process by default, many GPUs or nodes
 under ``accelerate launch`` (DDP, FSDP or DeepSpeed ZeRO-0/1/2 from its
 config; see ``sharding`` and ``deepspeed_state``).
-Only the encoder and the weight offsets are wrapped for distribution; the
-frozen base model is never replicated into the optimizer.
+Only the encoder, the weight offsets and (``--bias-lr``) the bias changes are
+wrapped for distribution; the frozen base model is never replicated into the
+optimizer.
 
 Reproducibility is by construction, not by saved RNG state: the global batch
 of step ``s`` (which images, flips, prompts) is drawn from ``seed`` and ``s``,
@@ -150,8 +151,9 @@ class TrainableParts(nn.Module):
         self.encoder = model.encoder
         self.offsets = nn.ModuleList(layer.offset for layer in model.offsets.values())
         self.offset_names = list(model.offsets)
-        self.bias_names = list(model.biases.names) if model.biases is not None else []
+        self.bias_names: list[str] = []
         if model.biases is not None:
+            self.bias_names = list(model.biases.names)
             self.biases = model.biases.changes
         object.__setattr__(self, "model", model)
 
@@ -326,13 +328,7 @@ class PretrainRun:
                 hint="make --batch-size a multiple of processes x --gradient-accumulation",
             )
         if is_deepspeed(accelerator):
-            configure_deepspeed(
-                accelerator,
-                self.per_device,
-                settings.gradient_accumulation,
-                settings.optimizer,
-                bias_changes=settings.bias_learning_rate is not None,
-            )
+            configure_deepspeed(accelerator, self.per_device, settings.gradient_accumulation, settings.optimizer)
         held = settings.validation_images if settings.validate_every and settings.validation_images > 0 else 0
         self.held_out = list(range(max(0, len(dataset) - held), len(dataset)))
         train_indices = list(range(len(dataset) - len(self.held_out))) or list(range(len(dataset)))

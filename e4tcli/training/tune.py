@@ -29,8 +29,9 @@ class TuneSettings:
     offset_learning_rate: Optional[float] = None
     """The weight offsets' learning rate (default: ``learning_rate``)."""
     bias_learning_rate: Optional[float] = None
-    """Also tune additive changes to the UNet's biases and normalization parameters, from zero, at this
-    rate (``e4tcli.models.bias_offsets``); None: they are not tuned."""
+    """Also train additive changes to the UNet's biases and normalization parameters at this rate
+    (``e4tcli.models.bias_offsets``): from the model's (a domain checkpoint's), else from zero; None: the
+    model's are kept as they are, and none are added."""
 
 
 def optimizer_for(
@@ -105,6 +106,8 @@ def tune_concept(
 
     if settings.bias_learning_rate is not None:
         model.start_bias_offsets()
+    if model.biases is not None:
+        model.biases.requires_grad_(settings.bias_learning_rate is not None)  # a checkpoint's, kept as they are
     optimizer = optimizer_for(
         model, settings.learning_rate, settings.weight_decay, settings.offset_learning_rate, settings.bias_learning_rate
     )

@@ -20,9 +20,10 @@ Methods (same seeds, prompts, sampler and guidance for all):
   base        no personalization: the class word in place of S*
   e4t-N       ``e4t tune --steps N`` with the domain's defaults: the pre-trained encoder, weight offsets
               and bias changes tuned N steps (0: encoder only)
-  e4t-encoder-N  the same with the pre-trained offsets frozen and no bias changes: only the encoder is tuned
-  e4t-biases-N  E4T-N with the UNet's biases and normalization parameters tuned, additively from zero
-              (``e4t tune --bias-lr``), at ``--bias-lr``, else the domain's rate, else 3e-3
+  e4t-encoder-N  the same with the pre-trained offsets frozen and the bias changes untuned (none, or a
+              checkpoint's pre-trained ones as they are): only the encoder is tuned
+  e4t-biases-N  E4T-N with the UNet's biases and normalization parameters tuned, additively (``e4t tune
+              --bias-lr``), at ``--bias-lr``, else the domain's rate, else 3e-3
   ti-N        Textual Inversion: one new word embedding, N steps
   dreambooth-N  the whole UNet fine-tuned N steps on "sks face" (no prior preservation)
   export-embedding-N, export-r4-N, export-r16-N, export-r64-N, export-full-N
@@ -294,8 +295,8 @@ def tuned_concept(
     """The concept ``e4t tune`` writes for ``identity``'s portrait after ``steps`` steps, as read back from its file.
 
     ``model``: a fresh model to tune with the domain's fallback defaults (default: the pre-trained domain).
-    ``biases``: "default" tunes the bias changes as ``e4t tune`` would, "off" leaves them out, "on" tunes
-    them even where the domain does not.
+    ``biases``: "default" tunes the bias changes as ``e4t tune`` would, "off" leaves them untuned (none, or
+    the checkpoint's pre-trained ones), "on" tunes them even where the domain does not.
     """
     from e4t_minifaces import minifaces_domain
     from e4tcli.io.concept import load_concept, save_concept
