@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -175,9 +174,6 @@ def main(argv=None) -> int:
     from e4tcli.stopping import Interrupted
 
     weights = args.weights or WEIGHTS
-    domain = minifaces_domain()
-    if args.pretrain_bias_lr is not None:
-        domain = replace(domain, pretrain=replace(domain.pretrain, bias_learning_rate=args.pretrain_bias_lr or None))
     if args.without_unet_features:
         zero_unet_features()
     if args.timestep_bias:
@@ -201,6 +197,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         lambda_emb=args.lambda_emb,
+        bias_learning_rate=args.pretrain_bias_lr,
         checkpoint_every=every,
         keep_last=10**6,
         cache_features=True,
@@ -220,7 +217,7 @@ def main(argv=None) -> int:
             os.kill(os.getpid(), signal.SIGINT)  # pre-training saves a resumable checkpoint and stops
 
     try:
-        api.pretrain(options, domain, on_step=on_step)
+        api.pretrain(options, minifaces_domain(), on_step=on_step)
     except Interrupted as stopped:
         print(f"training stopped early: {stopped}", file=sys.stderr)
     train_seconds = time.perf_counter() - started

@@ -115,6 +115,8 @@ def test_minifaces_curve_levers_run_and_frozen_offsets_stay_put(tmp_path):
         "--contrastive",
         "1",
         "--frozen-offsets",
+        "--pretrain-bias-lr",
+        "1e-3",
     )
     assert all(
         len(row["per attribute (head skin eyes spacing mouth hair colour)"].split()) == 7 for row in report["rows"]
@@ -126,6 +128,8 @@ def test_minifaces_curve_levers_run_and_frozen_offsets_stay_put(tmp_path):
     encoder = [name for name in first if name.startswith("encoder.")]
     assert offsets and all(torch.equal(first[name], second[name]) for name in offsets)  # frozen
     assert any(not torch.equal(first[name], second[name]) for name in encoder)  # the encoder trains
+    biases = [name for name in first if name.startswith("biases.")]
+    assert biases and any(not torch.equal(first[name], second[name]) for name in biases)  # pre-trained too
 
 
 @pytest.mark.slow

@@ -172,14 +172,14 @@ class TrainableParts(nn.Module):
                 _, index, rest = key.split(".", 2)
                 key = f"offsets.{self.offset_names[int(index)]}.{rest}"
             elif key.startswith("biases."):
-                key = f"biases.{self.bias_names[int(key.removeprefix('biases.'))]}"
+                key = BIAS_PREFIX + self.bias_names[int(key.removeprefix("biases."))]
             renamed[key] = value
         return renamed
 
     def part_names(self, state: dict) -> dict:
         """The inverse of ``checkpoint_names``."""
         prefixes = {f"offsets.{name}.": f"offsets.{index}." for index, name in enumerate(self.offset_names)}
-        biases = {f"biases.{name}": f"biases.{index}" for index, name in enumerate(self.bias_names)}
+        biases = {BIAS_PREFIX + name: f"biases.{index}" for index, name in enumerate(self.bias_names)}
         renamed = {}
         for key, value in state.items():
             if key in biases:
