@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from additive_changes import LAYERS, AdditiveChanges  # noqa: E402
 from common import (  # noqa: E402
     add_common_args,
     add_loss_mask_arg,
@@ -142,6 +143,15 @@ def main(argv=None) -> int:
         help="a lever: E4T's tuning draws its timesteps over all of [0, T) (e4t tune's), above T/4, above T/2, "
         "or as T * sqrt(u)",
     )
+    parser.add_argument(
+        "--additive-rank",
+        type=int,
+        default=0,
+        help="a lever: every E4T method's tuning also trains an additive rank-R change to each offset layer's "
+        "weight (bench/additive_changes.py; default 0: none)",
+    )
+    parser.add_argument("--additive-lr", type=float, default=3e-3, help="the additive changes' tuning rate")
+    parser.add_argument("--additive-layers", choices=LAYERS, default="all", help="which offset layers get them")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_loss_mask_arg(parser)
     add_common_args(parser)
@@ -150,6 +160,14 @@ def main(argv=None) -> int:
     json_out = reserve_stdout_for_json(args.json)
     if args.tune_timesteps != "uniform":
         draw_tuning_timesteps(args.tune_timesteps)
+    additive = None
+    if args.additive_rank and "export-" in args.methods:
+        parser.error(
+            "--additive-rank: exported concepts cannot carry the additive changes; leave out the export-* methods"
+        )
+    if args.additive_rank:
+        additive = AdditiveChanges(args.additive_rank, args.additive_lr, args.additive_layers)
+        additive.install()
 
     from e4t_minifaces import WEIGHTS, world
     from e4t_minifaces.evaluate import EvalSettings, World, chance_identity_score, evaluate
@@ -197,6 +215,7 @@ def main(argv=None) -> int:
                     "rows": [vars(s) for s in scores],
                     "reader_accuracy": reader,
                     "chance_identity": chance_identity_score(),
+                    **({"additive_changes": additive.summary()} if additive else {}),
                 }
             ),
             file=json_out,
@@ -210,6 +229,12 @@ def main(argv=None) -> int:
                 f"reader accuracy on clean images: identity attributes "
                 f"{min(reader[n] for n in world.IDENTITY_LABELS):.3f}-{max(reader[n] for n in world.IDENTITY_LABELS):.3f}, "
                 f"background {reader['background']:.3f}"
+                + (
+                    f"; E4T tunes additive changes too: rank {additive.rank} on {additive.layers} offset layers "
+                    f"at {additive.learning_rate}, {additive.values} values per concept, kept in memory"
+                    if additive
+                    else ""
+                )
             ),
         )
         if args.per_attribute:
