@@ -148,9 +148,12 @@ def test_a_checkpoint_whose_fingerprint_differs_is_refused(
 def test_an_unreachable_checkpoint_is_one_line_after_the_pulling_notice(
     local_hub, tiny_sd, tiny_backbone, photo_folder, tmp_path, monkeypatch
 ):
+    import time
+
     from huggingface_hub.utils import _http
 
-    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda seconds: None))  # the retries, without their waits
+    no_waits = SimpleNamespace(**(vars(time) | {"sleep": lambda seconds: None}))
+    monkeypatch.setattr(_http, "time", no_waits)  # huggingface_hub still retries, without its waits (23 s)
     install_published(tmp_path, monkeypatch, tiny_sd, tiny_backbone, "ab" * 20, "0123456789abcdef")
     assert cats_status().endswith("(not pulled yet)")
     partial = local_hub / "models--someone--e4t-cats" / "snapshots" / ("ab" * 20)
