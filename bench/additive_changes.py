@@ -21,6 +21,8 @@ class AdditiveChanges:
     layers: str = "all"
     tuned: dict = field(default_factory=dict)
     """Layer name -> ``(U, V)`` of the concept tuned last."""
+    changing: dict = field(default_factory=dict)
+    """Layer name -> the offset layer that holds changes being tuned."""
     values: int = 0
     """Values one concept's changes hold (``U`` and ``V`` of every changed layer)."""
     drawn: int = 0
@@ -36,17 +38,24 @@ class AdditiveChanges:
         """Fresh changes on ``model``'s offset layers: their parameters, for the optimizer."""
         import torch
 
+        self.changing = {name: layer for name, layer in model.offsets.items() if self.wanted(layer)}
         parameters = []
-        for layer in model.offsets.values():
-            if self.wanted(layer):
-                weight = layer.base_layer.weight
-                fan_in = weight[0].numel()
-                up = torch.nn.Parameter(torch.zeros(weight.shape[0], self.rank, device=weight.device))
-                down = torch.nn.Parameter(torch.randn(fan_in, self.rank, device=weight.device) / math.sqrt(fan_in))
-                layer.additive = (up, down)
-                parameters += [up, down]
+        for layer in self.changing.values():
+            weight = layer.base_layer.weight
+            fan_in = weight[0].numel()
+            up = torch.nn.Parameter(torch.zeros(weight.shape[0], self.rank, device=weight.device))
+            down = torch.nn.Parameter(torch.randn(fan_in, self.rank, device=weight.device) / math.sqrt(fan_in))
+            layer.additive = (up, down)
+            parameters += [up, down]
         self.values = sum(p.numel() for p in parameters)
         return parameters
+
+    def take_tuned(self) -> None:
+        """Move the changes the last tuning trained off the (shared) model into ``tuned``."""
+        self.tuned = {name: tuple(p.detach().clone() for p in layer.additive) for name, layer in self.changing.items()}
+        for layer in self.changing.values():
+            layer.additive = None
+        self.changing = {}
 
     def install(self) -> None:
         """Patch tuning, concept drawing and the offset layers (in this process) to carry the changes."""
@@ -74,15 +83,9 @@ class AdditiveChanges:
             optimizer.add_param_group({"params": lever.start(model), "lr": lever.learning_rate, "weight_decay": 0.0})
             return optimizer
 
-        def concept_with_changes(w, *args, **kwargs):
-            lever.tuned = {}
-            concept = tuned_concept(w, *args, **kwargs)
-            model = kwargs.get("model") or w.e4t_model()  # the world's shared model: the changes come off it
-            for name, layer in model.offsets.items():
-                additive = getattr(layer, "additive", None)
-                if additive is not None:
-                    lever.tuned[name] = tuple(p.detach().clone() for p in additive)
-                    layer.additive = None
+        def concept_with_changes(*args, **kwargs):
+            concept = tuned_concept(*args, **kwargs)
+            lever.take_tuned()  # none when the concept was not tuned (E4T-0)
             return concept
 
         def drawn_with_changes(w, tensors, like=None):
