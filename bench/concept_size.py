@@ -284,6 +284,15 @@ def model_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
             "MB": FP16 * bias_values / 1e6,
         }
     )
+    additive_values, additive_rows = additive_change_count(unet, ADDITIVE_RANK)
+    rows.append(
+        {
+            "file": f"additive changes int8 (tune --additive-rank {ADDITIVE_RANK})",
+            "offsets": "-",
+            "offset_params": additive_values,
+            "MB": (additive_values + FP16 * additive_rows) / 1e6,
+        }
+    )
     unet_params = common.count(unet.parameters())
     rows.append(
         {"file": "dreambooth UNet fp16", "offsets": "-", "offset_params": unet_params, "MB": 2 * unet_params / 1e6}
@@ -292,6 +301,17 @@ def model_rows(cfg: Config) -> tuple[list[dict], dict, dict]:
     rows.append({"file": "textual inversion fp32", "offsets": "-", "offset_params": width, "MB": FP32 * width / 1e6})
     meta = {"attention_projections": c.projections, "encoder_config": encoder_config.__dict__}
     return rows, parts, meta
+
+
+ADDITIVE_RANK = 16
+"""The rank minifaces tunes its additive changes at."""
+
+
+def additive_change_count(unet, rank: int) -> tuple[int, int]:
+    """Values and int8 rows (one fp16 scale each) a concept adds with ``tune --additive-rank``: ``U`` (out x
+    rank) and ``V`` (in x rank) for every q/k/v projection."""
+    rows = sum(out_features + in_features for _, out_features, in_features in projections(unet))
+    return rank * rows, rows
 
 
 def bias_change_count(unet) -> int:

@@ -158,6 +158,11 @@ def main(argv=None) -> int:
         type=float,
         help="pre-train the UNet's bias changes with the domain at this rate (default: the domain's; 0: not)",
     )
+    parser.add_argument(
+        "--additive-rank",
+        type=int,
+        help="rank of E4T's additive weight changes in tuning (default: the domain's; 0: none)",
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_loss_mask_arg(parser)
     add_common_args(parser)
@@ -227,6 +232,7 @@ def main(argv=None) -> int:
         seeds_per_prompt=args.seeds_per_prompt,
         sampling_steps=args.sampling_steps,
         e4t_loss_mask=args.loss_mask,
+        additive_rank=args.additive_rank,
     )
     methods = [m for m in args.methods.split(",") if m]
     rows = []

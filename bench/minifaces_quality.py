@@ -23,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from additive_changes import LAYERS, AdditiveChanges  # noqa: E402
 from common import (  # noqa: E402
     add_common_args,
     add_loss_mask_arg,
@@ -146,12 +145,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--additive-rank",
         type=int,
-        default=0,
-        help="a lever: every E4T method's tuning also trains an additive rank-R change to each offset layer's "
-        "weight (bench/additive_changes.py; default 0: none)",
+        help="rank of E4T's additive weight changes (e4t tune --additive-rank; default: the domain's; 0: none)",
     )
-    parser.add_argument("--additive-lr", type=float, default=3e-3, help="the additive changes' tuning rate")
-    parser.add_argument("--additive-layers", choices=LAYERS, default="all", help="which offset layers get them")
+    parser.add_argument(
+        "--additive-lr", type=float, help="E4T's tuning rate of the additive changes (default: the domain's)"
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_loss_mask_arg(parser)
     add_common_args(parser)
@@ -160,14 +158,6 @@ def main(argv=None) -> int:
     json_out = reserve_stdout_for_json(args.json)
     if args.tune_timesteps != "uniform":
         draw_tuning_timesteps(args.tune_timesteps)
-    additive = None
-    if args.additive_rank and "export-" in args.methods:
-        parser.error(
-            "--additive-rank: exported concepts cannot carry the additive changes; leave out the export-* methods"
-        )
-    if args.additive_rank:
-        additive = AdditiveChanges(args.additive_rank, args.additive_lr, args.additive_layers)
-        additive.install()
 
     from e4t_minifaces import WEIGHTS, world
     from e4t_minifaces.evaluate import EvalSettings, World, chance_identity_score, evaluate
@@ -185,6 +175,8 @@ def main(argv=None) -> int:
         concept_precision=args.concept_precision,
         encoder_every=args.encoder_every,
         bias_learning_rate=args.bias_lr,
+        additive_rank=args.additive_rank,
+        additive_learning_rate=args.additive_lr,
         e4t_loss_mask=args.loss_mask,
     )
     methods = [m for m in args.methods.split(",") if m]
@@ -215,7 +207,6 @@ def main(argv=None) -> int:
                     "rows": [vars(s) for s in scores],
                     "reader_accuracy": reader,
                     "chance_identity": chance_identity_score(),
-                    **({"additive_changes": additive.summary()} if additive else {}),
                 }
             ),
             file=json_out,
@@ -229,12 +220,6 @@ def main(argv=None) -> int:
                 f"reader accuracy on clean images: identity attributes "
                 f"{min(reader[n] for n in world.IDENTITY_LABELS):.3f}-{max(reader[n] for n in world.IDENTITY_LABELS):.3f}, "
                 f"background {reader['background']:.3f}"
-                + (
-                    f"; E4T tunes additive changes too: rank {additive.rank} on {additive.layers} offset layers "
-                    f"at {additive.learning_rate}, {additive.values} values per concept, kept in memory"
-                    if additive
-                    else ""
-                )
             ),
         )
         if args.per_attribute:

@@ -31,6 +31,11 @@ class PhaseDefaults:
     """Also train additive changes to the UNet's biases and normalization parameters at this rate (``--bias-lr``;
     None: not trained). In ``pretrain`` the domain checkpoint then holds them and tuning starts from them; in
     ``tune`` and ``fallback`` they are tuned from there, or from zero where the checkpoint has none."""
+    additive_rank: int = 0
+    """Also tune an additive change of this rank to every weight the offsets modulate (``--additive-rank``;
+    0: none). Tuning only: each concept's are its own, from zero."""
+    additive_learning_rate: Optional[float] = None
+    """The additive changes' tuning rate (``--additive-lr``; default: ``learning_rate``)."""
 
 
 OFFSET_KINDS = ("paper", "lowrank")
@@ -201,7 +206,11 @@ def validate_domain(domain: Any) -> list[str]:
             continue
         for f in fields(phase):
             value = getattr(phase, f.name)
-            if value is None and f.name in ("offset_learning_rate", "bias_learning_rate"):
+            if value is None and f.name in ("offset_learning_rate", "bias_learning_rate", "additive_learning_rate"):
+                continue
+            if f.name == "additive_rank":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    problems.append(f"{phase_name}.additive_rank must be a whole number, 0 or more, got {value!r}")
                 continue
             if not isinstance(value, (int, float)) or value < 0 or (value == 0 and f.name != "lambda_emb"):
                 problems.append(f"{phase_name}.{f.name} must be a positive number, got {value!r}")

@@ -185,6 +185,18 @@ class TuneOptions:
         minimum=0.0,
     )
     bias_learning_rate: Optional[float] = bias_learning_rate_option("tune")
+    additive_rank: Optional[int] = option(
+        None,
+        "Also tune an additive change of this rank to every weight the offsets modulate, stored in the concept"
+        " (default: the domain's; 0: none).",
+        minimum=0,
+    )
+    additive_learning_rate: Optional[float] = option(
+        None,
+        "Learning rate of the additive changes (default: the domain's, else --lr's).",
+        names=("--additive-lr",),
+        minimum=0.0,
+    )
     resolution: Optional[int] = option(
         None, "Training resolution (default: the checkpoint's, else the domain's).", minimum=8
     )

@@ -69,6 +69,8 @@ def concept(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
             "2",
             "--out",
             str(tuned),
+            "--additive-rank",
+            "2",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -76,15 +78,18 @@ def concept(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder):
 
 
 def with_large_offsets(tuned, path):
-    """``tuned``'s concept with its offsets' factors drawn at random (a few tuning steps barely move them),
-    saved in fp32 at ``path``, so that an export that lost or mangled them shows in the pixels."""
+    """``tuned``'s concept with its offsets' factors and its additive changes' factors drawn at random (a few
+    tuning steps barely move them), saved in fp32 at ``path``, so that an export that lost or mangled them
+    shows in the pixels."""
     from e4tcli.io.concept import load_concept, save_concept
 
     loaded = load_concept(tuned)
     generator = torch.Generator().manual_seed(0)
+    scale = {"offsets": 1.0, "additive": 0.1}  # U V^T is added to the weights, not multiplied: kept smaller
     tensors = {
-        name: (torch.randn(value.shape, generator=generator) if name.startswith("offsets.") else value)
+        name: scale[group] * torch.randn(value.shape, generator=generator) if group in scale else value
         for name, value in loaded.tensors.items()
+        for group in [name.split(".")[0]]
     }
     save_concept(path, tensors, loaded.info, precision="fp32")
     return path

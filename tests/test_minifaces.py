@@ -149,6 +149,28 @@ def test_reader_reads_fresh_generator_images():
         assert recorded[name] >= 0.9
 
 
+def test_read_names_the_attributes_images_keep_of_a_reference(capsys):
+    from e4t_minifaces.evaluate import held_out_identities
+    from e4t_minifaces.read import kept_attributes, main
+
+    mira, otto = Image.open(EXAMPLES / "mira.png"), Image.open(EXAMPLES / "otto.png")
+    reference, images = kept_attributes(mira, [mira, otto])
+    truth = held_out_identities(3, seed=7)  # the examples are the first three of seed 7
+
+    def visible(attributes, identity):  # a bald face shows no hair colour
+        return {name: attributes[name] for name in identity.visible()}
+
+    assert visible(reference, truth[0]) == visible(vars(truth[0]), truth[0])
+    assert visible(images[0], truth[0]) == visible(reference, truth[0])
+    assert visible(images[1], truth[1]) == visible(vars(truth[1]), truth[1])
+    assert main([str(EXAMPLES / "mira.png"), str(EXAMPLES / "mira.png"), str(EXAMPLES / "otto.png")]) == 0
+    kept = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:]}
+    for name, value in reference.items():
+        if name in kept:
+            assert kept[name] == ("2/2" if images[1][name] == value else "1/2"), name
+    assert main([str(EXAMPLES / "mira.png"), "missing.png"]) == 2
+
+
 # --------------------------------------------------------------------------- the main job, offline
 def test_main_job_tunes_an_example_and_generates_it(tmp_path):
     from e4tcli.cli import app
@@ -159,9 +181,11 @@ def test_main_job_tunes_an_example_and_generates_it(tmp_path):
     result = runner.invoke(app, ["tune", str(example), "--domain", "minifaces", "--out", str(concept), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 5
-    tuning = read_concept_info(concept)["tuning"]  # the domain's defaults: a batch of 4, bias changes at 3e-3
-    assert (tuning["batch_size"], tuning["bias_learning_rate"]) == (4, 3e-3)
-    assert any(name.startswith("biases.") for name in load_concept(concept).tensors)
+    tuning = read_concept_info(concept)["tuning"]  # the domain's defaults: a batch of 4, bias changes at 3e-3,
+    assert (tuning["batch_size"], tuning["bias_learning_rate"]) == (4, 3e-3)  # rank-16 additive changes
+    assert (tuning["additive_rank"], tuning["additive_learning_rate"]) == (16, 3e-3)
+    tensors = load_concept(concept).tensors
+    assert any(name.startswith("biases.") for name in tensors) and any(name.startswith("additive.") for name in tensors)
     result = runner.invoke(
         app,
         [
@@ -283,6 +307,7 @@ def test_attribute_margin_names_the_attributes_that_follow_the_reference():
 
 
 def test_the_bias_method_draws_with_the_tuned_changes_and_leaves_the_shared_model_as_it_was():
+    """The world's model is shared by every identity: neither bias changes nor additive changes stay on it."""
     from e4t_minifaces.evaluate import EvalSettings, World, held_out_identities, run_e4t, run_e4t_with_biases
 
     w = World(WEIGHTS)
@@ -296,6 +321,7 @@ def test_the_bias_method_draws_with_the_tuned_changes_and_leaves_the_shared_mode
 
     assert not np.array_equal(np.asarray(with_biases[0]), np.asarray(plain[0]))
     assert size_with > size
+    assert not any(getattr(module, "additive", None) is not None for module in unet.modules())
     assert w.e4t_model().biases is None
     assert sum(len(m._forward_hooks) for m in unet.modules()) == hooks_before
 

@@ -197,6 +197,8 @@ def test_domain_defaults_are_plain_data():
         "lambda_emb": 0.1,
         "offset_learning_rate": None,
         "bias_learning_rate": None,
+        "additive_rank": 0,
+        "additive_learning_rate": None,
     }
     assert defaults["prompt_templates"] == ["S*"]
     assert defaults["dataset"] == "builtins.len"

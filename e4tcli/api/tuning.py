@@ -171,6 +171,10 @@ def tune(options: TuneOptions, domain: Domain, on_step: OnStep = None, progress:
         resolution=resolution,
         seed=options.seed,
         offset_learning_rate=offset_learning_rate,
+        additive_rank=defaults.additive_rank if options.additive_rank is None else options.additive_rank,
+        additive_learning_rate=defaults.additive_learning_rate
+        if options.additive_learning_rate is None
+        else options.additive_learning_rate,
     )
     mask = domain.loss_mask(image) if domain.loss_mask is not None else None
     losses = tune_concept(

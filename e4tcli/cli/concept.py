@@ -25,13 +25,14 @@ def _summary_lines(described: dict) -> list[tuple[str, str]]:
             ("class word", str(described.get("class_word"))),
             ("tuning steps", str(described.get("steps"))),
             ("offsets", f"{offsets.get('kind')} on {offsets.get('layers')}, {offsets['count']} layers"),
+            ("additive changes", f"rank {described['additive_rank']}" if described.get("additive_rank") else "none"),
             ("precision", str(described.get("precision"))),
         ]
     else:
         lines += [
             ("format", str(described.get("export_format"))),
             ("token", str(described.get("token"))),
-            ("rank", f"{described.get('rank')} (keeps {described.get('energy_kept', 0):.1%} of the offsets' change)"),
+            ("rank", f"{described.get('rank')} (keeps {described.get('energy_kept', 0):.1%} of the weight change)"),
         ]
     lines += [
         ("base model", source(described.get("base_model"))),

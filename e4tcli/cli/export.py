@@ -79,7 +79,7 @@ def export(
         console.print(f"Wrote {path}", markup=False, highlight=False)
     console.print(
         f"Type '{result.token}' in prompts. The LoRA (rank {result.rank}) keeps {result.energy_kept:.1%} of the "
-        "weight offsets' change.",
+        "concept's weight change.",
         markup=False,
         highlight=False,
     )

@@ -59,7 +59,8 @@ class ExportResult:
     token: str
     rank: int
     energy_kept: float
-    """The share of the offsets' change (squared Frobenius norm, all layers) the LoRA holds."""
+    """The share of the weight change (the offsets' and the additive changes'; squared Frobenius norm, all
+    layers) the LoRA holds."""
     seconds: float
     bias_changes_left_out: int = 0
     """Values of the concept's bias changes (tuned or pre-trained) left out: the kohya layout has no place for them."""

@@ -7,7 +7,8 @@ low rank; the change ``W * dW`` itself is not of low rank, so it is factored:
 factored as an (out, in x kh x kw) matrix: ``down`` becomes a convolution of
 the layer's own kernel size and ``up`` a 1x1 convolution, as LoCon files store
 them. The share of the change's energy (squared Frobenius norm) that the kept
-singular values hold says how much of the offsets survives.
+singular values hold says how much of the offsets survives. A concept's additive weight changes
+(``U V^T``, ``e4tcli.models.additive_changes``) are part of the change: ``W * dW + U V^T``.
 """
 
 from dataclasses import dataclass
@@ -65,7 +66,10 @@ def factor_offsets(model, rank: int = FULL_RANK, layers: Optional[list[str]] = N
                 continue
             column, row = layer.factors()
             weight = layer.base_layer.weight.detach().cpu()  # SVD in float64 on the CPU, whatever the device
-            factored[name] = factor(weight_change(weight, column.detach().cpu(), row.detach().cpu()), rank)
+            change = weight_change(weight, column.detach().cpu(), row.detach().cpu())
+            if layer.additive is not None:
+                change = change + layer.additive.change(weight.shape).detach().cpu().double()
+            factored[name] = factor(change, rank)
     widest = max(lora.rank for lora in factored.values())
     return {name: padded(lora, widest) for name, lora in factored.items()}
 

@@ -2,16 +2,19 @@
 
 Tensors: the tuned encoder with its reference folded in (``encoder.*``, see
 ``ConceptEncoder``: the part that reads the noisy latent, and one vector for
-the reference, so generation needs neither the image nor the backbone), and
-each weight offset as its two thin factors (``offsets.<layer>.column`` and
-``.row``; ``dW = column @ row.T``). Version 1 files held the whole encoder
-and the reference's backbone features (``image_features``); they still load. The header's metadata
+the reference, so generation needs neither the image nor the backbone), each
+weight offset as its two thin factors (``offsets.<layer>.column`` and
+``.row``; ``dW = column @ row.T``), the bias changes where tuned
+(``biases.*``), and the additive weight changes where tuned (``additive.<layer>.up``
+and ``.down``; format version 3: an older e4t refuses the file rather than draw
+without them). Version 1 files held the whole encoder and the reference's
+backbone features (``image_features``); they still load. The header's metadata
 holds the recipe: domain, class word, token, base model and domain
 checkpoint (source and fingerprint), encoder and offset configurations,
 tuning settings. Only safetensors is read: nothing is ever unpickled.
 
 ``e4t tune --save-precision``: ``int8`` (the default) stores the encoder's
-weight matrices (nine tenths of a concept at SD 1.5 shapes) as 8-bit integers
+weight matrices (nine tenths of a concept at SD 1.5 shapes) and the additive changes' factors as 8-bit integers
 with one fp16 scale per row (``<name>.int8_scale``) and every other tensor in
 fp16; ``fp16`` and ``fp32`` store every tensor so. Reading the file gives
 floats back; generation computes in fp32 (or the chosen precision) from the
@@ -28,9 +31,15 @@ from e4tcli.errors import UsageError
 from e4tcli.io.atomic import atomic_file
 
 FORMAT = "e4t-concept"
-VERSION = 2
+VERSION = 3
+"""The newest format this e4t reads. A concept without additive weight changes is written as version 2,
+which every e4t since folded encoders reads in full."""
 PRECISIONS = ("fp16", "fp32", "int8")
 INT8_SCALE = ".int8_scale"
+ADDITIVE_PREFIX = "additive."
+"""Key prefix of the additive weight changes: ``additive.<layer>.up`` (out x rank), ``.down`` (fan-in x rank)."""
+QUANTIZED = ("encoder.", ADDITIVE_PREFIX)
+"""Key prefixes of the matrices ``--save-precision int8`` stores in 8 bits."""
 
 
 @dataclass
@@ -47,7 +56,7 @@ def stored_tensors(tensors: dict[str, Any], precision: str = "fp16") -> dict[str
     if precision not in PRECISIONS:
         raise UsageError(f"unknown concept precision '{precision}'", hint=f"use one of {', '.join(PRECISIONS)}")
     if precision == "int8":
-        return quantized_encoder(stored_tensors(tensors, "fp16"))
+        return quantized_matrices(stored_tensors(tensors, "fp16"))
     stored = {}
     for name, tensor in tensors.items():
         tensor = tensor.detach().cpu()
@@ -61,14 +70,15 @@ def stored_tensors(tensors: dict[str, Any], precision: str = "fp16") -> dict[str
     return stored
 
 
-def quantized_encoder(tensors: dict[str, Any]) -> dict[str, Any]:
-    """The encoder's matrices as int8 with a per-row scale (round to nearest, largest value of a row
-    maps to 127): their values change by at most half a step, 1/254 of the row's largest."""
+def quantized_matrices(tensors: dict[str, Any]) -> dict[str, Any]:
+    """The encoder's matrices and the additive weight changes' factors as int8 with a per-row scale (round
+    to nearest, largest value of a row maps to 127): their values change by at most half a step, 1/254 of
+    the row's largest."""
     import torch
 
     stored = {}
     for name, tensor in tensors.items():
-        if name.startswith("encoder.") and tensor.ndim == 2 and tensor.is_floating_point():
+        if name.startswith(QUANTIZED) and tensor.ndim == 2 and tensor.is_floating_point():
             weight = tensor.float()
             scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
             scale = scale.half().float()
@@ -80,7 +90,7 @@ def quantized_encoder(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def dequantized(tensors: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of ``quantized_encoder``: every int8 matrix with its scale back as float32."""
+    """Inverse of ``quantized_matrices``: every int8 matrix with its scale back as float32."""
     scaled = {name.removesuffix(INT8_SCALE) for name in tensors if name.endswith(INT8_SCALE)}
     return {
         name: tensor.float() * tensors[name + INT8_SCALE].float()[:, None] if name in scaled else tensor
@@ -96,7 +106,8 @@ def save_concept(path: Path, tensors: dict[str, Any], info: dict[str, Any], prec
     path = Path(path)
     tensors = stored_tensors(tensors, precision)
     info = info | {"precision": precision}
-    metadata = {"format": FORMAT, "version": str(VERSION), "e4t": json.dumps(info, sort_keys=True)}
+    version = VERSION if any(name.startswith(ADDITIVE_PREFIX) for name in tensors) else 2
+    metadata = {"format": FORMAT, "version": str(version), "e4t": json.dumps(info, sort_keys=True)}
     for key in ("domain", "class_word", "token"):
         if key in info:
             metadata[key] = str(info[key])

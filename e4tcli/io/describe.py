@@ -64,6 +64,14 @@ def describe_file(path: Path) -> dict[str, Any]:
             "checkpoint": info.get("checkpoint", "-"),
             "steps": info.get("tuning", {}).get("steps"),
             "offsets": info.get("offsets", {}) | {"count": len(offsets)},
+            "additive_rank": next(
+                (
+                    row["shape"][1]
+                    for row in tensors
+                    if row["name"].startswith("additive.") and row["name"].endswith(".up")
+                ),
+                0,
+            ),
             "precision": info.get("precision"),
             "created": info.get("created") or _modified(path),
             "e4t_version": info.get("e4t_version"),

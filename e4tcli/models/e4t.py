@@ -9,6 +9,8 @@ import torch
 from e4tcli.device import Placement
 from e4tcli.domain import PLACEHOLDER
 from e4tcli.errors import UsageError
+from e4tcli.models.additive_changes import PREFIX as ADDITIVE_PREFIX
+from e4tcli.models.additive_changes import AdditiveChange, stored_additive_changes
 from e4tcli.models.bias_offsets import PREFIX as BIAS_PREFIX
 from e4tcli.models.bias_offsets import BiasOffsets, stored_changes
 from e4tcli.models.encoder import ConceptEncoder, E4TEncoder, EncoderConfig
@@ -125,6 +127,8 @@ class E4TModel:
                     f"the concept's bias changes do not match this base model's layers (first: {missing})",
                     hint="generate with the base model the concept was tuned on",
                 ) from None
+        if concept_tensors is not None:
+            self._load_additive_changes(concept_tensors)
         self.placeholders = [
             _install_placeholder(tokenizer, text_encoder, class_word)
             for tokenizer, text_encoder in zip(base.tokenizers, base.text_encoders)
@@ -227,6 +231,36 @@ class E4TModel:
             self.biases.remove()
             self.biases = None
 
+    def _load_additive_changes(self, concept_tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            changes = stored_additive_changes(concept_tensors) or {}
+            for name, (up, down) in changes.items():
+                layer = self.offsets[name]
+                if (
+                    up.shape[0] != layer.base_layer.weight.shape[0]
+                    or down.shape[0] != layer.base_layer.weight[0].numel()
+                ):
+                    raise KeyError(name)
+                layer.additive = AdditiveChange(up, down, trainable=False).to(layer.base_layer.weight.device)
+        except KeyError as missing:
+            raise UsageError(
+                f"the concept's additive weight changes do not match this base model's layers (first: {missing})",
+                hint="generate with the base model the concept was tuned on",
+            ) from None
+
+    def start_additive_changes(self, rank: int) -> list[torch.nn.Parameter]:
+        """Fresh rank-``rank`` additive changes (``e4tcli.models.additive_changes``) on every offset layer:
+        their parameters, for the optimizer."""
+        parameters = []
+        for layer in self.offsets.values():
+            layer.additive = AdditiveChange.fresh(layer.base_layer.weight, rank)
+            parameters += list(layer.additive.parameters())
+        return parameters
+
+    def remove_additive_changes(self) -> None:
+        for layer in self.offsets.values():
+            layer.additive = None
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The encoder's and the offsets' parameters (the bias changes are a group of their own)."""
         return list(self.encoder.parameters()) + list(offset_parameters(self.offsets))
@@ -254,13 +288,15 @@ class E4TModel:
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Encoder, offsets and, where ``state`` has them (a domain that pre-trains them), the bias changes;
-        bias changes the model held before are dropped."""
+        bias changes and additive weight changes the model held before are dropped (a checkpoint has none of
+        the latter: they are tuned per concept)."""
         encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         self.encoder.load_state_dict(encoder_state)
         for name, layer in self.offsets.items():
             prefix = f"offsets.{name}."
             layer.offset.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
         self.remove_bias_offsets()
+        self.remove_additive_changes()
         changes = stored_changes(state)
         if changes is not None:
             self.biases = BiasOffsets(self.unet, changes)
@@ -268,7 +304,7 @@ class E4TModel:
     def concept_state_dict(self, image_features: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """What generation needs: the encoder folded on the reference (``image_features``, needed unless the
         encoder is a concept's already), each offset's two factors (no d x d maps) and the bias changes,
-        when the model has them."""
+        when the model has them, and the additive weight changes, when it has them."""
         encoder = self.encoder
         if isinstance(encoder, E4TEncoder):
             if image_features is None:
@@ -280,6 +316,9 @@ class E4TModel:
                 column, row = layer.offset.factors()
                 state[f"offsets.{name}.column"] = column.detach().float().cpu().contiguous()
                 state[f"offsets.{name}.row"] = row.detach().float().cpu().contiguous()
+                if layer.additive is not None:
+                    state[f"{ADDITIVE_PREFIX}{name}.up"] = layer.additive.up.detach().float().cpu().contiguous()
+                    state[f"{ADDITIVE_PREFIX}{name}.down"] = layer.additive.down.detach().float().cpu().contiguous()
         if self.biases is not None:
             state.update(self.biases.state())
         return state

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from e4tcli.domain import OFFSET_KINDS, OFFSET_LAYERS
+from e4tcli.models.additive_changes import AdditiveChange
 
 TARGETS = ("to_q", "to_k", "to_v")
 RESNET_TARGETS = ("conv1", "conv2")
@@ -124,13 +125,19 @@ class FixedOffset(nn.Module):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.column, self.row
 
-    def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``W * (1 + dW)`` in ``dtype``, formed once: the factors never change during generation."""
-        key = (dtype, weight.device, weight.data_ptr())
+    def merged_weight(
+        self, weight: torch.Tensor, dtype: torch.dtype, additive: Optional[AdditiveChange] = None
+    ) -> torch.Tensor:
+        """``W * (1 + dW)`` (``+ U V^T`` with a concept's ``additive`` change) in ``dtype``, formed once: a
+        concept's factors never change during generation."""
+        key = (dtype, weight.device, weight.data_ptr(), id(additive))
         if key not in self._merged:
             self._merged.clear()
             with torch.no_grad():
-                self._merged[key] = modulate(weight.to(self.column.dtype), self.column @ self.row.T).to(dtype)
+                merged = modulate(weight.to(self.column.dtype), self.column @ self.row.T)
+                if additive is not None:
+                    merged = merged + additive.change(weight.shape)
+                self._merged[key] = merged.to(dtype)
         return self._merged[key]
 
 
@@ -145,12 +152,14 @@ def make_offset(config: OffsetConfig, out_features: int, in_features: int) -> nn
 
 
 class OffsetLinear(nn.Module):
-    """A frozen ``nn.Linear`` whose weight is modulated element-wise by ``1 + dW``."""
+    """A frozen ``nn.Linear`` whose weight is modulated element-wise by ``1 + dW`` (and, where the concept
+    has one, changed by ``additive``: ``e4tcli.models.additive_changes``)."""
 
     def __init__(self, base_layer: nn.Linear, offset: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.offset = offset
+        self.additive: Optional[AdditiveChange] = None
         self.shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,9 +185,12 @@ class OffsetLinear(nn.Module):
 
     def modulated_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(self.offset, FixedOffset) and self.shared is None:
-            return self.offset.merged_weight(self.base_layer.weight, dtype)
+            return self.offset.merged_weight(self.base_layer.weight, dtype, self.additive)
         delta = self.delta()
-        return modulate(self.base_layer.weight.to(delta.dtype), delta).to(dtype)
+        weight = modulate(self.base_layer.weight.to(delta.dtype), delta)
+        if self.additive is not None:
+            weight = weight + self.additive.change(weight.shape)
+        return weight.to(dtype)
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return F.linear(x, weight, bias)

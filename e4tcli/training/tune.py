@@ -32,6 +32,11 @@ class TuneSettings:
     """Also train additive changes to the UNet's biases and normalization parameters at this rate
     (``e4tcli.models.bias_offsets``): from the model's (a domain checkpoint's), else from zero; None: the
     model's are kept as they are, and none are added."""
+    additive_rank: int = 0
+    """Also train an additive rank-``additive_rank`` change to every weight the offsets modulate, from zero
+    (``e4tcli.models.additive_changes``); 0: none."""
+    additive_learning_rate: Optional[float] = None
+    """The additive changes' rate (default: ``learning_rate``)."""
 
 
 def optimizer_for(
@@ -40,9 +45,11 @@ def optimizer_for(
     weight_decay: float,
     offset_learning_rate: Optional[float] = None,
     bias_learning_rate: Optional[float] = None,
+    additive: tuple[list[torch.nn.Parameter], float] = ([], 0.0),
 ) -> torch.optim.Optimizer:
     """AdamW over the encoder and the weight offsets, constant learning rates (the offsets' own, if given),
-    and over the model's bias changes at ``bias_learning_rate`` when given."""
+    over the model's bias changes at ``bias_learning_rate`` when given, and over ``additive``'s parameters
+    at its rate, without weight decay (they start at zero and are the concept's own)."""
     if offset_learning_rate is None:
         groups: list = [{"params": model.trainable_parameters()}]
     else:
@@ -52,6 +59,9 @@ def optimizer_for(
         ]
     if bias_learning_rate is not None and model.biases is not None:
         groups.append({"params": list(model.biases.parameters()), "lr": bias_learning_rate})
+    additive_parameters, additive_learning_rate = additive
+    if additive_parameters:
+        groups.append({"params": additive_parameters, "lr": additive_learning_rate, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, **fastest_adamw(model))
 
 
@@ -108,8 +118,16 @@ def tune_concept(
         model.start_bias_offsets()
     if model.biases is not None:
         model.biases.requires_grad_(settings.bias_learning_rate is not None)  # a checkpoint's, kept as they are
+    tunes_additive = settings.additive_rank > 0 and settings.steps > 0  # untuned, they would be zeros
+    additive = model.start_additive_changes(settings.additive_rank) if tunes_additive else []
+    additive_rate = settings.additive_learning_rate
     optimizer = optimizer_for(
-        model, settings.learning_rate, settings.weight_decay, settings.offset_learning_rate, settings.bias_learning_rate
+        model,
+        settings.learning_rate,
+        settings.weight_decay,
+        settings.offset_learning_rate,
+        settings.bias_learning_rate,
+        (additive, settings.learning_rate if additive_rate is None else additive_rate),
     )
     # fp16 activations need loss scaling so small gradients do not underflow (bf16 and fp32 do not).
     scaler = torch.amp.GradScaler(device.type, enabled=model.placement.dtype == torch.float16)

@@ -24,7 +24,8 @@ def minifaces_domain() -> Domain:
     # changes at 3e-3 keeps the identity of a batch of 16 without them in about half the time; tuned from zero
     # (no checkpoint), 10 steps at 3e-3 throughout, at batch 16, come within 0.05 of the pre-trained domain's
     # margin (docs/minifaces.md, "The tuning learning rate", "The offsets' learning rate", "The tuning batch
-    # and the bias changes" and "Without a domain checkpoint").
+    # and the bias changes" and "Without a domain checkpoint"). Rank-16 additive weight changes at 3e-3 add
+    # the hair colour and eye spacing the offsets leave out (docs/minifaces.md, "Additive weight changes").
     tune = PhaseDefaults(
         steps=5,
         learning_rate=5e-4,
@@ -33,6 +34,8 @@ def minifaces_domain() -> Domain:
         lambda_emb=1e-4,
         offset_learning_rate=1e-2,
         bias_learning_rate=3e-3,
+        additive_rank=16,
+        additive_learning_rate=3e-3,
     )
     return Domain(
         name="minifaces",
@@ -57,7 +60,13 @@ def minifaces_domain() -> Domain:
         pretrain=PhaseDefaults(steps=2000, learning_rate=1e-3, batch_size=16, resolution=32, lambda_emb=1e-4),
         tune=tune,
         fallback=replace(
-            tune, steps=10, learning_rate=3e-3, batch_size=16, offset_learning_rate=None, bias_learning_rate=None
+            tune,
+            steps=10,
+            learning_rate=3e-3,
+            batch_size=16,
+            offset_learning_rate=None,
+            bias_learning_rate=None,
+            additive_rank=0,
         ),
         lambda_weights=1e-4,
         # This small UNet draws a face mostly with its convolutions (attention only at 8x8 and 4x4),

@@ -19,9 +19,9 @@ background"). The attribute reader then says what each image shows:
 Methods (same seeds, prompts, sampler and guidance for all):
   base        no personalization: the class word in place of S*
   e4t-N       ``e4t tune --steps N`` with the domain's defaults: the pre-trained encoder, weight offsets
-              and bias changes tuned N steps (0: encoder only)
-  e4t-encoder-N  the same with the pre-trained offsets frozen and the bias changes untuned (none, or a
-              checkpoint's pre-trained ones as they are): only the encoder is tuned
+              and bias changes, and the additive weight changes, tuned N steps (0: encoder only)
+  e4t-encoder-N  the same with the pre-trained offsets frozen, the bias changes untuned (none, or a
+              checkpoint's pre-trained ones as they are) and no additive changes: only the encoder is tuned
   e4t-biases-N  E4T-N with the UNet's biases and normalization parameters tuned, additively (``e4t tune
               --bias-lr``), at ``--bias-lr``, else the domain's rate, else 3e-3
   ti-N        Textual Inversion: one new word embedding, N steps
@@ -83,6 +83,10 @@ class EvalSettings:
     bias_learning_rate: Optional[float] = None
     """E4T's tuning rate of the bias changes (default: the domain's; 0: not tuned). ``e4t-biases-N`` tunes
     them at ``BIAS_LR`` where neither this nor the domain sets a rate."""
+    additive_rank: Optional[int] = None
+    """Rank of E4T's additive weight changes (``e4t tune --additive-rank``; default: the domain's; 0: none)."""
+    additive_learning_rate: Optional[float] = None
+    """E4T's tuning rate of the additive changes (``--additive-lr``; default: the domain's)."""
     e4t_loss_mask: bool = True
     """E4T tunes with the domain's loss mask, as ``e4t tune`` does (False: the loss covers the whole image)."""
 
@@ -329,6 +333,10 @@ def tuned_concept(
             if settings.e4t_offset_learning_rate is None
             else settings.e4t_offset_learning_rate,
             bias_learning_rate=bias_rate(settings, tune, biases),
+            additive_rank=additive_rank(settings, tune) if tune_offsets else 0,
+            additive_learning_rate=tune.additive_learning_rate
+            if settings.additive_learning_rate is None
+            else settings.additive_learning_rate,
         )
         try:
             tune_concept(
@@ -349,7 +357,12 @@ def tuned_concept(
         size = save_concept(path, model.concept_state_dict(features[:1]), {}, settings.concept_precision)
         concept = load_concept(path)
     model.remove_bias_offsets()  # the world's model is shared by every identity
+    model.remove_additive_changes()
     return concept, seconds, size
+
+
+def additive_rank(settings: EvalSettings, tune) -> int:
+    return tune.additive_rank if settings.additive_rank is None else settings.additive_rank
 
 
 def bias_rate(settings: EvalSettings, tune, biases: str) -> Optional[float]:
@@ -469,8 +482,21 @@ def run_textual_inversion(w: World, identity, settings: EvalSettings, steps: int
 
 
 def run_dreambooth(w: World, identity, settings: EvalSettings, steps: int):
-    from diffusers import DDPMScheduler
     from safetensors.torch import save_file
+
+    unet, seconds = tuned_unet(w, identity, steps)
+    prompts = [p.replace("S*", DREAMBOOTH_WORD) for p, _ in scene_prompts(settings)]
+    images = sample_plain(plain_pipeline(w.plain, unet=unet), prompts, settings, w.latent_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "unet.safetensors"
+        save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(path))
+        size = path.stat().st_size
+    return images, seconds, size
+
+
+def tuned_unet(w: World, identity, steps: int):
+    """DreamBooth: the whole UNet fine-tuned ``steps`` steps on ``identity``'s portrait; the seconds it took."""
+    from diffusers import DDPMScheduler
 
     base = w.plain
     unet = copy.deepcopy(base.unet).train().requires_grad_(True)
@@ -487,14 +513,7 @@ def run_dreambooth(w: World, identity, settings: EvalSettings, steps: int):
         loss.backward()
         optimizer.step()
     seconds = time.perf_counter() - started
-    unet.eval().requires_grad_(False)
-    prompts = [p.replace("S*", DREAMBOOTH_WORD) for p, _ in scene_prompts(settings)]
-    images = sample_plain(plain_pipeline(base, unet=unet), prompts, settings, w.latent_shape)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "unet.safetensors"
-        save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(path))
-        size = path.stat().st_size
-    return images, seconds, size
+    return unet.eval().requires_grad_(False), seconds
 
 
 METHODS = {
