@@ -427,6 +427,15 @@ def add_loss_mask_arg(parser) -> None:
     )
 
 
+def add_additive_rank_arg(parser) -> None:
+    """``--additive-rank R``: the rank of E4T's additive weight changes in tuning."""
+    parser.add_argument(
+        "--additive-rank",
+        type=int,
+        help="rank of E4T's additive weight changes (e4t tune --additive-rank; default: the domain's; 0: none)",
+    )
+
+
 def reserve_stdout_for_json(enabled: bool):
     """With --json, stdout carries only the JSON: from here on, whatever else is printed goes to
     stderr (DeepSpeed, which accelerate and transformers import once it is installed, logs to stdout).

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_additive_rank_arg,
     add_common_args,
     add_loss_mask_arg,
     apply_common_args,
@@ -158,11 +159,7 @@ def main(argv=None) -> int:
         type=float,
         help="pre-train the UNet's bias changes with the domain at this rate (default: the domain's; 0: not)",
     )
-    parser.add_argument(
-        "--additive-rank",
-        type=int,
-        help="rank of E4T's additive weight changes in tuning (default: the domain's; 0: none)",
-    )
+    add_additive_rank_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     add_loss_mask_arg(parser)
     add_common_args(parser)

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_additive_rank_arg,
     add_common_args,
     add_loss_mask_arg,
     apply_common_args,
@@ -142,11 +143,7 @@ def main(argv=None) -> int:
         help="a lever: E4T's tuning draws its timesteps over all of [0, T) (e4t tune's), above T/4, above T/2, "
         "or as T * sqrt(u)",
     )
-    parser.add_argument(
-        "--additive-rank",
-        type=int,
-        help="rank of E4T's additive weight changes (e4t tune --additive-rank; default: the domain's; 0: none)",
-    )
+    add_additive_rank_arg(parser)
     parser.add_argument(
         "--additive-lr", type=float, help="E4T's tuning rate of the additive changes (default: the domain's)"
     )

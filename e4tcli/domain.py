@@ -211,6 +211,8 @@ def validate_domain(domain: Any) -> list[str]:
             if f.name == "additive_rank":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     problems.append(f"{phase_name}.additive_rank must be a whole number, 0 or more, got {value!r}")
+                elif phase_name == "pretrain" and value:
+                    problems.append("pretrain.additive_rank must be 0: the additive changes are tuned per concept")
                 continue
             if not isinstance(value, (int, float)) or value < 0 or (value == 0 and f.name != "lambda_emb"):
                 problems.append(f"{phase_name}.{f.name} must be a positive number, got {value!r}")

@@ -48,7 +48,7 @@ def test_a_layer_draws_with_its_modulated_weight_plus_its_change(convolution):
         assert torch.allclose(stored(x), expected, atol=1e-5)
 
 
-def test_fresh_changes_leave_the_unet_unchanged_and_a_concept_file_carries_tuned_ones(tiny_sd, tmp_path):
+def test_fresh_changes_leave_the_unet_unchanged_and_a_concept_file_carries_tuned_ones(tiny_sd, tmp_path, monkeypatch):
     model = build(tiny_sd, kind="lowrank", layers="attention+resnets")
     latents, t, states = unet_inputs()
 
@@ -98,6 +98,13 @@ def test_fresh_changes_leave_the_unet_unchanged_and_a_concept_file_carries_tuned
     save_concept(tmp_path / "plain.safetensors", without, {}, "int8")
     with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as handle:
         assert handle.metadata()["version"] == "2"  # what every older e4t reads in full
+    import e4tcli.io.concept as concept_format
+
+    monkeypatch.setattr(concept_format, "VERSION", 2)  # an e4t from before the additive changes
+    concept_format.read_concept_info(tmp_path / "plain.safetensors")
+    with pytest.raises(UsageError, match="newer e4t"):
+        concept_format.read_concept_info(small)
+    monkeypatch.undo()
 
     tensors[f"additive.{name}.up"] = tensors[f"additive.{name}.up"][:-1]
     with pytest.raises(UsageError, match="additive weight changes do not match"):
@@ -125,10 +132,10 @@ def test_tune_with_additive_rank_stores_every_layers_tuned_change(tmp_path):
     assert max(float(up.abs().max()) for up in ups.values()) == pytest.approx(1e-2, rel=0.01)
     assert read_concept_info(concept)["tuning"]["additive_rank"] == 2
     info = runner.invoke(app, ["concept", "info", str(concept)])
-    assert "additive changes: rank 2" in info.stdout
+    assert "additive: rank 2" in info.stdout
 
     for turned_off in (["--additive-rank", "0"], ["--additive-rank", "2", "--steps", "0"]):  # 0 steps: none tuned
         plain = tmp_path / "plain.safetensors"
         assert runner.invoke(app, [*tune[:-1], str(plain), *turned_off, "--force"]).exit_code == 0
         assert not any(k.startswith("additive.") for k in load_concept(plain).tensors)
-        assert "additive changes: none" in runner.invoke(app, ["concept", "info", str(plain)]).stdout
+        assert "additive: none" in runner.invoke(app, ["concept", "info", str(plain)]).stdout

@@ -1,6 +1,7 @@
 """The benchmarks keep working as the code changes: each runs at a tiny size (timings are not checked)."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,21 @@ def test_minifaces_quality_runs_every_kind_of_method():
     assert (
         rows["e4t-encoder-1"]["concept_bytes"] < rows["e4t-1"]["concept_bytes"] == rows["e4t-biases-1"]["concept_bytes"]
     )
+
+
+@pytest.mark.slow
+def test_minifaces_tune_time_times_every_method_in_each_round():
+    report = run("minifaces_tune_time.py", "--steps", "1", "--dreambooth-steps", "2", "--rounds", "2", "--threads", "1")
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == ["e4t-1", "e4t-no-additive-1", "dreambooth-2"]
+    assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in report["seconds"].values())
+    for method in ("e4t", "e4t-no-additive"):  # each ratio is the median of the rounds' own ratios
+        ratios = [a / b for a, b in zip(report["seconds"][method], report["seconds"]["dreambooth"])]
+        assert rows[f"{method}-1"]["ratio to dreambooth"] == pytest.approx(statistics.median(ratios))
+        low, high = (float(q) for q in rows[f"{method}-1"]["quartiles"].split("-"))
+        first, second = sorted(ratios)  # two rounds: the quartiles lie a quarter of the way in from each
+        assert low == pytest.approx(first + (second - first) / 4, abs=0.006)
+        assert high == pytest.approx(second - (second - first) / 4, abs=0.006)
 
 
 TINY_CURVE = (

@@ -270,6 +270,22 @@ def test_a_tuning_bias_rate_is_optional_positive_and_overridden_by_the_option():
     assert bias_rate(None, None) is None
 
 
+def test_an_additive_rank_is_a_whole_number_and_for_tuning_only():
+    from dataclasses import replace
+
+    from e4tcli.domain import validate_domain
+
+    cats = load_registry().get("cats").domain
+    assert validate_domain(replace(cats, tune=replace(cats.tune, additive_rank=16, additive_learning_rate=3e-3))) == []
+    for phase, rank, problem in (
+        ("tune", -1, "tune.additive_rank must be a whole number"),
+        ("tune", 2.5, "tune.additive_rank must be a whole number"),
+        ("pretrain", 4, "pretrain.additive_rank must be 0"),
+    ):
+        problems = validate_domain(replace(cats, **{phase: replace(getattr(cats, phase), additive_rank=rank)}))
+        assert any(problem in p for p in problems), problems
+
+
 def test_template_field_with_a_falsy_value_is_filled():
     from e4tcli.domain import fill_template
 

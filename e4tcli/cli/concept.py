@@ -25,7 +25,7 @@ def _summary_lines(described: dict) -> list[tuple[str, str]]:
             ("class word", str(described.get("class_word"))),
             ("tuning steps", str(described.get("steps"))),
             ("offsets", f"{offsets.get('kind')} on {offsets.get('layers')}, {offsets['count']} layers"),
-            ("additive changes", f"rank {described['additive_rank']}" if described.get("additive_rank") else "none"),
+            ("additive", f"rank {described['additive_rank']}" if described.get("additive_rank") else "none"),
             ("precision", str(described.get("precision"))),
         ]
     else:

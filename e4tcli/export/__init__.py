@@ -11,8 +11,8 @@ Two layouts, both written into the ``--out`` folder:
                Forge and ComfyUI load; its file name is the word to type) and
                ``TOKEN-lora.safetensors`` (kohya's ``lora_unet_*`` keys).
 
-What is lost: the encoder (see ``embedding``), whatever of the offsets'
-change a LoRA of the chosen rank cannot hold (see ``lora``; the share kept is
+What is lost: the encoder (see ``embedding``), whatever of the weight change
+(the offsets' and the additive changes') a LoRA of the chosen rank cannot hold (see ``lora``; the share kept is
 reported and recorded in the files), and in the kohya layout the bias changes,
 which no LoRA loader of AUTOMATIC1111 reads.
 """
@@ -43,7 +43,7 @@ class ExportOptions:
     format: str
     out: str
     rank: int = DEFAULT_RANK
-    """LoRA rank per layer (0: full rank, the offsets exactly)."""
+    """LoRA rank per layer (0: full rank, the weight change exactly)."""
     token: Optional[str] = None
     """The word to type (default: from the concept's file name)."""
     base_model: Optional[str] = None

@@ -33,7 +33,7 @@ from e4tcli.io.atomic import atomic_file
 FORMAT = "e4t-concept"
 VERSION = 3
 """The newest format this e4t reads. A concept without additive weight changes is written as version 2,
-which every e4t since folded encoders reads in full."""
+which e4t releases without additive changes read in full."""
 PRECISIONS = ("fp16", "fp32", "int8")
 INT8_SCALE = ".int8_scale"
 ADDITIVE_PREFIX = "additive."

@@ -38,8 +38,8 @@ def tensor_groups(tensors: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def describe_file(path: Path) -> dict[str, Any]:
     """A concept's or an exported file's recipe, tensors and sizes; a one-line error for any other file."""
     from e4tcli.export import FORMAT as EXPORT_FORMAT
+    from e4tcli.io.concept import ADDITIVE_PREFIX, read_header
     from e4tcli.io.concept import FORMAT as CONCEPT_FORMAT
-    from e4tcli.io.concept import read_header
 
     path = Path(path)
     metadata, tensors = read_header(path, "file", "pass a concept or a file written by 'e4t export'", tensor_table)
@@ -68,7 +68,7 @@ def describe_file(path: Path) -> dict[str, Any]:
                 (
                     row["shape"][1]
                     for row in tensors
-                    if row["name"].startswith("additive.") and row["name"].endswith(".up")
+                    if row["name"].startswith(ADDITIVE_PREFIX) and row["name"].endswith(".up")
                 ),
                 0,
             ),

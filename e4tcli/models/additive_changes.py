@@ -27,18 +27,25 @@ class AdditiveChange(nn.Module):
 
     @classmethod
     def fresh(cls, weight: torch.Tensor, rank: int) -> "AdditiveChange":
+        """A change to ``weight`` to tune: ``U`` zero (the weight as it was), ``V`` random with columns of
+        about unit length."""
         fan_in = weight[0].numel()
         up = torch.zeros(weight.shape[0], rank, device=weight.device)
         down = torch.randn(fan_in, rank, device=weight.device) / math.sqrt(fan_in)
         return cls(up, down, trainable=True)
 
     def change(self, shape: torch.Size) -> torch.Tensor:
-        """``U V^T`` shaped as the weight it is added to, in fp32."""
+        """``U V^T`` shaped as the weight it is added to."""
         return (self.up @ self.down.T).reshape(shape)
+
+    def identity(self) -> tuple[int, ...]:
+        """Changes with the same identity hold the same values: where they are, and how often they were written."""
+        return (self.up.data_ptr(), self.up._version, self.down.data_ptr(), self.down._version)
 
 
 def stored_additive_changes(tensors: dict[str, torch.Tensor]) -> Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """A concept file's changes by layer name, ``(up, down)``; None when it has none."""
+    """A concept file's changes by layer name, ``(up, down)``; None when it has none. ``KeyError`` (the
+    layer's name) when a layer has one factor without the other."""
     ups = {
         k.removeprefix(PREFIX).removesuffix(".up"): v
         for k, v in tensors.items()

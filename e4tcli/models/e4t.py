@@ -239,6 +239,7 @@ class E4TModel:
                 if (
                     up.shape[0] != layer.base_layer.weight.shape[0]
                     or down.shape[0] != layer.base_layer.weight[0].numel()
+                    or up.shape[1] != down.shape[1]
                 ):
                     raise KeyError(name)
                 layer.additive = AdditiveChange(up, down, trainable=False).to(layer.base_layer.weight.device)
@@ -258,6 +259,7 @@ class E4TModel:
         return parameters
 
     def remove_additive_changes(self) -> None:
+        """Drop the additive changes: the offset layers draw ``W * (1 + dW)`` again."""
         for layer in self.offsets.values():
             layer.additive = None
 

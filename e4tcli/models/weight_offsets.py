@@ -130,7 +130,7 @@ class FixedOffset(nn.Module):
     ) -> torch.Tensor:
         """``W * (1 + dW)`` (``+ U V^T`` with a concept's ``additive`` change) in ``dtype``, formed once: a
         concept's factors never change during generation."""
-        key = (dtype, weight.device, weight.data_ptr(), id(additive))
+        key = (dtype, weight.device, weight.data_ptr(), None if additive is None else additive.identity())
         if key not in self._merged:
             self._merged.clear()
             with torch.no_grad():
@@ -175,7 +175,8 @@ class OffsetLinear(nn.Module):
         return ((column.T @ column) * (row.T @ row)).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (W * (1 + dW))^T + b``, the modulated weight formed in fp32, then cast to x's dtype.
+        """``x (W * (1 + dW) + U V^T)^T + b`` (``U V^T``: the additive change, where the layer has one), the
+        weight formed in fp32, then cast to x's dtype.
 
         In fp16/bf16 an offset smaller than the format's resolution rounds away,
         exactly as the base weights' own rounding does; training keeps dW in fp32.

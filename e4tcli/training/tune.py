@@ -45,7 +45,7 @@ def optimizer_for(
     weight_decay: float,
     offset_learning_rate: Optional[float] = None,
     bias_learning_rate: Optional[float] = None,
-    additive: tuple[list[torch.nn.Parameter], float] = ([], 0.0),
+    additive: Optional[tuple[list[torch.nn.Parameter], float]] = None,
 ) -> torch.optim.Optimizer:
     """AdamW over the encoder and the weight offsets, constant learning rates (the offsets' own, if given),
     over the model's bias changes at ``bias_learning_rate`` when given, and over ``additive``'s parameters
@@ -59,9 +59,9 @@ def optimizer_for(
         ]
     if bias_learning_rate is not None and model.biases is not None:
         groups.append({"params": list(model.biases.parameters()), "lr": bias_learning_rate})
-    additive_parameters, additive_learning_rate = additive
-    if additive_parameters:
-        groups.append({"params": additive_parameters, "lr": additive_learning_rate, "weight_decay": 0.0})
+    if additive is not None and additive[0]:
+        parameters, rate = additive
+        groups.append({"params": parameters, "lr": rate, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, **fastest_adamw(model))
 
 
