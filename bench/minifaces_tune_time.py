@@ -50,11 +50,10 @@ def main(argv=None) -> int:
 
     w = World(WEIGHTS)
     settings = EvalSettings(identities=args.rounds, seed=args.seed)
+    without_additive = replace(settings, additive_rank=0)
     tune = {
-        "e4t": lambda identity: tuned_concept(w, identity, settings, args.steps)[1],
-        "e4t-no-additive": lambda identity: tuned_concept(w, identity, replace(settings, additive_rank=0), args.steps)[
-            1
-        ],
+        "e4t": lambda identity: tuned_concept(w, identity, settings, steps["e4t"])[1],
+        "e4t-no-additive": lambda identity: tuned_concept(w, identity, without_additive, steps["e4t-no-additive"])[1],
         "dreambooth": lambda identity: tuned_unet(w, identity, steps["dreambooth"])[1],
     }
     identities = held_out_identities(args.rounds, args.seed)

@@ -37,8 +37,7 @@ def main(argv=None) -> int:
             print(f"error: image not found: {path}", file=sys.stderr)
             return 2
     reference, images = kept_attributes(Image.open(args.reference), [Image.open(p) for p in args.images])
-    bald = reference["hair"] == "bald"
-    shown = [name for name in world.IDENTITY_LABELS if not (bald and name == "hair_colour")]
+    shown = world.Identity(**reference).visible()
     print("attribute    reference  kept  each image ('.': the reference's, else what it shows)")
     for name in shown:
         marks = " ".join(image[name] if image[name] != reference[name] else "." for image in images)
