@@ -67,12 +67,14 @@ TUNE_TIMESTEPS = {
     "above-quarter": (0.25, False),
     "above-half": (0.5, False),
     "sqrt": (0.0, True),
+    "stratified": (0.0, False),
 }
 
 
 def draw_tuning_timesteps(name: str) -> None:
-    """E4T's tuning steps draw t = low * T + v * (1 - low) * T, v uniform (or the square root of one) in
-    [0, 1), instead of uniform over [0, T): a lever, measured in docs/minifaces.md; pre-training is unchanged."""
+    """E4T's tuning steps draw t = low * T + v * (1 - low) * T, v uniform (or the square root of one, or one
+    from each of the batch's equal slices) in [0, 1), instead of uniform over [0, T): a lever, measured in
+    docs/minifaces.md; pre-training is unchanged."""
     import torch
 
     import e4tcli.training.tune as tune
@@ -83,8 +85,12 @@ def draw_tuning_timesteps(name: str) -> None:
     def drawn(model, batch, noise_scheduler, lambda_emb, lambda_weights, generator=None):
         total = noise_scheduler.config.num_train_timesteps
         start = int(low * total)
-        v = torch.rand(batch.latents.shape[0], generator=generator, device=batch.latents.device)
+        count = batch.latents.shape[0]
+        v = torch.rand(count, generator=generator, device=batch.latents.device)
         v = v.sqrt() if square_root else v
+        if name == "stratified":  # one draw from each of `count` equal slices of [0, T), in random order
+            order = torch.randperm(count, generator=generator, device=batch.latents.device)
+            v = (order + v) / count
         batch.timesteps = (start + v * (total - start)).long().clamp(max=total - 1)
         return step(model, batch, noise_scheduler, lambda_emb, lambda_weights, generator)
 
@@ -141,7 +147,7 @@ def main(argv=None) -> int:
         choices=list(TUNE_TIMESTEPS),
         default="uniform",
         help="a lever: E4T's tuning draws its timesteps over all of [0, T) (e4t tune's), above T/4, above T/2, "
-        "or as T * sqrt(u)",
+        "as T * sqrt(u), or one from each of a batch's equal slices of [0, T)",
     )
     add_additive_rank_arg(parser)
     parser.add_argument(

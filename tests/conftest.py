@@ -12,6 +12,9 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never contacts the Hugging Face Hub
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several workers share the cores: one thread each (and in each process a test starts), not one per core.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +97,26 @@ def tiny_checkpoint(tmp_path_factory, tiny_sd, tiny_backbone, photo_folder, cats
     )
     api.pretrain(options, cats_domain)
     return out
+
+
+@pytest.fixture
+def pretrain_args(tiny_sd, tiny_backbone, photo_folder):
+    """`e4t pretrain` arguments for the cats domain on the tiny models, on the CPU."""
+    return [
+        "--domain",
+        "cats",
+        "--data",
+        str(photo_folder),
+        "--base-model",
+        str(tiny_sd),
+        "--backbone",
+        str(tiny_backbone),
+        "--batch-size",
+        "2",
+        "--resolution",
+        "64",
+        "--encoder-hidden-dim",
+        "32",
+        "--device",
+        "cpu",
+    ]

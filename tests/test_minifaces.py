@@ -331,7 +331,7 @@ def test_the_bias_method_draws_with_the_tuned_changes_and_leaves_the_shared_mode
 def quality_scores():
     from e4t_minifaces.evaluate import EvalSettings, World, evaluate
 
-    settings = EvalSettings(identities=8, seeds_per_prompt=2, backgrounds=("red", "blue"), sampling_steps=20)
+    settings = EvalSettings(identities=8, seeds_per_prompt=1, backgrounds=("red", "blue"), sampling_steps=20)
     scores = {s.method: s for s in evaluate(World(WEIGHTS), ["base", "e4t-5"], settings)}
     return {**scores, "images": settings.identities * settings.seeds_per_prompt * len(settings.backgrounds)}
 

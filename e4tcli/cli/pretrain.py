@@ -37,6 +37,8 @@ def _launch_processes(count: int) -> None:
         str(count),
         "--num_machines",
         "1",
+        "--main_process_port",
+        "0",  # a free port: two runs on one machine never meet on accelerate's default one
         "--mixed_precision",
         "no",
         "--dynamo_backend",
