@@ -97,6 +97,41 @@ def draw_tuning_timesteps(name: str) -> None:
     tune.training_step = drawn
 
 
+TUNE_RATE_SCHEDULES = ("constant", "decay", "rise")
+
+
+def schedule_tuning_rates(shape: str) -> None:
+    """Step k of E4T's N tuning steps runs at 2 (N - k + 1) / (N + 1) ("decay") or 2 k / (N + 1) ("rise")
+    times each parameter group's rate, the same mean rate as "constant" (e4t tune's): a lever, measured in
+    docs/minifaces.md."""
+    import e4tcli.training.tune as tune
+
+    tune_concept, optimizer_for = tune.tune_concept, tune.optimizer_for
+    steps = {}
+
+    def counted(model, image, image_features, prompt_templates, settings, *args, **kwargs):
+        steps["count"] = settings.steps
+        return tune_concept(model, image, image_features, prompt_templates, settings, *args, **kwargs)
+
+    def scheduled(*args, **kwargs):
+        optimizer = optimizer_for(*args, **kwargs)
+        count, rates, taken = steps["count"], [group["lr"] for group in optimizer.param_groups], [0]
+        step = optimizer.step
+
+        def scheduled_step(*step_args, **step_kwargs):
+            taken[0] += 1
+            k = taken[0]
+            scale = 2 * (count - k + 1 if shape == "decay" else k) / (count + 1)
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate * scale
+            return step(*step_args, **step_kwargs)
+
+        optimizer.step = scheduled_step
+        return optimizer
+
+    tune.tune_concept, tune.optimizer_for = counted, scheduled
+
+
 def main(argv=None) -> int:
     from e4t_minifaces.evaluate import BIAS_LR
 
@@ -149,6 +184,13 @@ def main(argv=None) -> int:
         help="a lever: E4T's tuning draws its timesteps over all of [0, T) (e4t tune's), above T/4, above T/2, "
         "as T * sqrt(u), or one from each of a batch's equal slices of [0, T)",
     )
+    parser.add_argument(
+        "--tune-rate-schedule",
+        choices=TUNE_RATE_SCHEDULES,
+        default="constant",
+        help="a lever: E4T's tuning rates held (e4t tune's), or falling or rising linearly over the steps "
+        "around the same mean",
+    )
     add_additive_rank_arg(parser)
     parser.add_argument(
         "--additive-lr", type=float, help="E4T's tuning rate of the additive changes (default: the domain's)"
@@ -161,6 +203,8 @@ def main(argv=None) -> int:
     json_out = reserve_stdout_for_json(args.json)
     if args.tune_timesteps != "uniform":
         draw_tuning_timesteps(args.tune_timesteps)
+    if args.tune_rate_schedule != "constant":
+        schedule_tuning_rates(args.tune_rate_schedule)
 
     from e4t_minifaces import WEIGHTS, world
     from e4t_minifaces.evaluate import EvalSettings, World, chance_identity_score, evaluate
