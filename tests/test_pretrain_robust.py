@@ -120,6 +120,17 @@ def test_validation_grid_is_written(pretrain_args, tmp_path):
     assert grid.size[0] >= 128 and grid.size[1] >= 64  # held-out image and its generation, side by side
 
 
+def test_a_refused_resume_leaves_the_runs_recipe_as_it_was(pretrain_args, tmp_path):
+    run = tmp_path / "run"
+    assert pretrain([*pretrain_args, "--out", str(run), "--steps", "1"]).exit_code == 0
+    recipe = (run / "recipe.yaml").read_text()
+    assert "encoder_hidden_dim: 32" in recipe
+    other = [*pretrain_args[:-4], "--encoder-hidden-dim", "16", "--device", "cpu"]
+    result = pretrain([*other, "--out", str(run), "--steps", "2", "--resume", "latest"])
+    assert result.exit_code == 2 and "its encoder differs from this run's" in result.stderr, result.output
+    assert (run / "recipe.yaml").read_text() == recipe
+
+
 def test_resume_needs_something_to_resume(pretrain_args, tmp_path):
     result = pretrain([*pretrain_args, "--out", str(tmp_path / "empty"), "--steps", "1", "--resume", "latest"])
     assert result.exit_code == 2 and "nothing to resume" in result.stderr

@@ -84,7 +84,7 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
     from e4tcli.io.training_state import resolve_resume
     from e4tcli.models.loading import load_backbone, load_base_model
     from e4tcli.training.deepspeed_state import refuse_deepspeed_bias_changes
-    from e4tcli.training.pretrain import PretrainJob, PretrainSettings, pretrain_domain
+    from e4tcli.training.pretrain import PretrainJob, PretrainRun, PretrainSettings
 
     start = time.perf_counter()
     run_dir = Path(options.out)
@@ -137,8 +137,6 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         "recipe": recipe,
         "e4t_version": __version__,
     }
-    if accelerator.is_main_process:
-        write_recipe(run_dir / "recipe.yaml", recipe)
     job = PretrainJob(
         model=model,
         backbone=backbone,
@@ -152,7 +150,10 @@ def pretrain(options: PretrainOptions, domain: Domain, on_step: OnStep = None) -
         resume=resume,
         fallback_templates=domain.prompt_templates,
     )
-    losses, checkpoint = pretrain_domain(job, on_step)
+    run = PretrainRun(job)  # refuses a checkpoint this run cannot resume before the run's recipe is replaced
+    if accelerator.is_main_process:
+        write_recipe(run_dir / "recipe.yaml", recipe)
+    losses, checkpoint = run.train(on_step)
     skipped = len(getattr(dataset, "skipped", []))
     return PretrainResult(checkpoint, settings.steps, time.perf_counter() - start, losses, skipped)
 
