@@ -125,7 +125,8 @@ def test_a_refused_resume_leaves_the_runs_recipe_as_it_was(pretrain_args, tmp_pa
     assert pretrain([*pretrain_args, "--out", str(run), "--steps", "1"]).exit_code == 0
     recipe = (run / "recipe.yaml").read_text()
     assert "encoder_hidden_dim: 32" in recipe
-    other = [*pretrain_args[:-4], "--encoder-hidden-dim", "16", "--device", "cpu"]
+    other = list(pretrain_args)
+    other[other.index("--encoder-hidden-dim") + 1] = "16"
     result = pretrain([*other, "--out", str(run), "--steps", "2", "--resume", "latest"])
     assert result.exit_code == 2 and "its encoder differs from this run's" in result.stderr, result.output
     assert (run / "recipe.yaml").read_text() == recipe
