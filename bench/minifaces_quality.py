@@ -191,6 +191,19 @@ def main(argv=None) -> int:
         help="a lever: E4T's tuning rates held (e4t tune's), or falling or rising linearly over the steps "
         "around the same mean",
     )
+    parser.add_argument(
+        "--tune-optimizer",
+        choices=("adamw", "warm"),
+        default="adamw",
+        help="a lever: E4T's tuning optimizer, AdamW (e4t tune's) or Adam whose second moments start from "
+        "the domain's mean squared tuning gradients (bench/warm_preconditioner.py)",
+    )
+    parser.add_argument(
+        "--warm-identities",
+        type=int,
+        default=32,
+        help="training identities whose tuning gradients give --tune-optimizer warm its second moments",
+    )
     add_additive_rank_arg(parser)
     parser.add_argument(
         "--additive-lr", type=float, help="E4T's tuning rate of the additive changes (default: the domain's)"
@@ -210,6 +223,10 @@ def main(argv=None) -> int:
     from e4t_minifaces.evaluate import EvalSettings, World, chance_identity_score, evaluate
 
     w = World(args.weights or WEIGHTS)
+    if args.tune_optimizer == "warm":
+        from warm_preconditioner import precondition_tuning
+
+        precondition_tuning(w, args.warm_identities)
     settings = EvalSettings(
         identities=args.identities,
         seeds_per_prompt=args.seeds_per_prompt,

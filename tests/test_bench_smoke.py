@@ -142,6 +142,28 @@ def test_minifaces_curve_pretrains_with_its_levers_and_scores_each_checkpoint(tm
     assert biases and any(not torch.equal(first[name], second[name]) for name in biases)  # pre-trained too
 
 
+def test_minifaces_meta_trains_the_domain_on_training_identities_and_resumes(tmp_path):
+    from e4t_minifaces import WEIGHTS, world
+
+    from e4tcli.io.checkpoint import load_checkpoint
+
+    tiny = ("--views", "2", "--inner-steps", "1", "--save-at", "1", "--face-only", "--threads", "1")
+    first = run("minifaces_meta.py", "--work", str(tmp_path), "--steps", "2", *tiny)
+    assert [record["step"] for record in first["steps"]] == [1, 2]
+    resumed = run("minifaces_meta.py", "--work", str(tmp_path), "--steps", "3", *tiny)
+    assert [record["step"] for record in resumed["steps"]] == [3]  # continues after the last saved step
+    drawn = [world.Identity.from_index(r["identity"]) for r in first["steps"] + resumed["steps"]]
+    assert not any(identity.held_out for identity in drawn)
+
+    shipped = load_checkpoint(WEIGHTS / "checkpoint").tensors
+    step1, step2 = (load_checkpoint(tmp_path / f"weights-{step}" / "checkpoint").tensors for step in (1, 2))
+    assert step1.keys() == shipped.keys()
+    for part in ("encoder.", "offsets."):
+        names = [name for name in shipped if name.startswith(part)]
+        assert any(not torch.equal(step1[name], shipped[name]) for name in names)  # meta-trained
+        assert any(not torch.equal(step2[name], step1[name]) for name in names)
+
+
 @pytest.mark.slow
 def test_minifaces_word_gain_measures_every_attribute_and_timestep_range():
     report = run("minifaces_word_gain.py", "--identities", "2", "--samples", "2", "--threads", "1")
@@ -152,3 +174,36 @@ def test_minifaces_word_gain_measures_every_attribute_and_timestep_range():
         assert all(len(by_range) == 4 for by_range in gains.values())
     # the base model binds head-shape words: naming a wrong head shape costs more than naming the right one
     assert sum(report["over_wrong"]["head"].values()) > 0
+
+
+def warm_adam():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from warm_preconditioner import WarmAdam
+
+    return WarmAdam
+
+
+def test_warm_adam_without_second_moments_steps_as_adamw_does():
+    WarmAdam = warm_adam()
+    torch.manual_seed(0)
+    start = torch.randn(5)
+    ours, theirs = (start.clone().requires_grad_(True) for _ in range(2))
+    warm = WarmAdam([{"params": [ours], "lr": 0.1, "betas": (0.9, 0.999), "weight_decay": 0.01, "eps": 1e-8}], {})
+    adamw = torch.optim.AdamW([theirs], lr=0.1, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    for _ in range(4):
+        for parameter, optimizer in ((ours, warm), (theirs, adamw)):
+            optimizer.zero_grad()
+            (parameter**3).sum().backward()
+            optimizer.step()
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_warm_adam_moves_a_parameter_by_its_gradient_against_the_usual_one():
+    WarmAdam = warm_adam()
+    usual, quiet = (torch.zeros(3, requires_grad=True) for _ in range(2))
+    moments = {id(usual): torch.full((3,), 4.0), id(quiet): torch.full((3,), 4.0)}
+    optimizer = WarmAdam([{"params": [usual, quiet], "lr": 0.1, "betas": (0.9, 0.999), "weight_decay": 0.0}], moments)
+    usual.grad, quiet.grad = torch.full((3,), 2.0), torch.full((3,), 0.2)  # as large as usual, a tenth of it
+    optimizer.step()
+    assert torch.allclose(usual.detach(), torch.full((3,), -0.1), rtol=1e-3)  # Adam's first step: -lr
+    assert torch.allclose(quiet.detach(), torch.full((3,), -0.01), rtol=1e-3)  # Adam would also move it by -lr
