@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     import torch
     from diffusers import DDPMScheduler
     from e4t_minifaces import WEIGHTS, minifaces_domain, world
-    from e4t_minifaces.evaluate import World
+    from e4t_minifaces.evaluate import World, default_tuning
 
     from e4tcli.domain import PLACEHOLDER
     from e4tcli.io.checkpoint import save_checkpoint
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from e4tcli.models.weight_offsets import shared_factors
     from e4tcli.training.images import latent_distribution, mask_to_latent, square_resize, to_pixels
     from e4tcli.training.step import Batch, training_step
-    from e4tcli.training.tune import TuneSettings, tune_concept
+    from e4tcli.training.tune import tune_concept
 
     domain = minifaces_domain()
     tune = domain.tune
@@ -147,19 +147,9 @@ def main(argv=None) -> int:
             for name, parameter in model.named_trainable_parameters().items():
                 if parameter.grad is not None:
                     meta[name].grad = parameter.grad.clone()
-        settings = TuneSettings(
-            steps=tune.steps if args.inner_steps is None else args.inner_steps,
-            learning_rate=tune.learning_rate,
-            batch_size=tune.batch_size,
-            resolution=world.RESOLUTION,
-            lambda_emb=tune.lambda_emb,
-            lambda_weights=domain.lambda_weights,
-            seed=step,
-            offset_learning_rate=tune.offset_learning_rate,
-            bias_learning_rate=tune.bias_learning_rate,
-            additive_rank=tune.additive_rank,
-            additive_learning_rate=tune.additive_learning_rate,
-        )
+        settings = default_tuning(seed=step)
+        if args.inner_steps is not None:
+            settings.steps = args.inner_steps
         tuning = tune_concept(
             model, reference, features, domain.prompt_templates, settings, scheduler, domain.loss_mask(reference)
         )

@@ -60,12 +60,12 @@ def domain_second_moments(w, identities: int, seed: int = 7) -> dict[str, torch.
     loss mask, bias and additive changes) of ``identities`` training identities' portraits."""
     from diffusers import DDPMScheduler
     from e4t_minifaces import minifaces_domain, world
+    from e4t_minifaces.evaluate import default_tuning
 
     from e4tcli.models.loading import backbone_features
-    from e4tcli.training.tune import TuneSettings, tune_concept
+    from e4tcli.training.tune import tune_concept
 
     domain = minifaces_domain()
-    tune = domain.tune
     rng = random.Random(seed)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -81,19 +81,7 @@ def domain_second_moments(w, identities: int, seed: int = 7) -> dict[str, torch.
                     sums[name] = sums.get(name, 0) + parameter.grad.detach().float() ** 2
                     counts[name] = counts.get(name, 0) + 1
 
-        settings = TuneSettings(
-            steps=tune.steps,
-            learning_rate=tune.learning_rate,
-            batch_size=tune.batch_size,
-            resolution=world.RESOLUTION,
-            lambda_emb=tune.lambda_emb,
-            lambda_weights=domain.lambda_weights,
-            seed=index + 1,
-            offset_learning_rate=tune.offset_learning_rate,
-            bias_learning_rate=tune.bias_learning_rate,
-            additive_rank=tune.additive_rank,
-            additive_learning_rate=tune.additive_learning_rate,
-        )
+        settings = default_tuning(seed=index + 1)
         scheduler = DDPMScheduler.from_config(model.base.scheduler_config)
         tune_concept(
             model,

@@ -357,3 +357,25 @@ def test_e4t_keeps_prompt_fidelity(quality_scores):
     assert base.fidelity > 0.5, base  # the base model draws the prompted background in most images
     spread = (e4t.fidelity * (1 - e4t.fidelity) / images) ** 0.5
     assert base.fidelity - e4t.fidelity <= STANDARD_ERRORS * spread + 1 / images, (base, e4t)
+
+
+def test_the_benchmarks_default_tuning_is_what_e4t_tune_uses(tmp_path, monkeypatch):
+    """``evaluate.default_tuning`` (the settings the meta-training and preconditioner benchmarks simulate) is
+    what ``e4t tune`` resolves for a minifaces portrait when no option is given."""
+    from e4t_minifaces.evaluate import default_tuning
+
+    import e4tcli.training.tune as tuning
+    from e4tcli import api
+
+    class Captured(Exception):
+        pass
+
+    def capture(model, image, features, templates, settings, *args, **kwargs):
+        raise Captured(settings)
+
+    monkeypatch.setattr(tuning, "tune_concept", capture)
+    options = api.TuneOptions(image=str(EXAMPLES / "mira.png"), out=str(tmp_path / "mira.safetensors"))
+    with pytest.raises(Captured) as captured:
+        api.tune(options, minifaces_domain())
+    assert captured.value.args[0] == default_tuning(seed=0)
+    assert not (tmp_path / "mira.safetensors").exists()

@@ -287,6 +287,28 @@ def run_fallback(w: World, identity, settings: EvalSettings, steps: int):
     return images, seconds, size
 
 
+def default_tuning(seed: int = 0):
+    """The ``TuneSettings`` ``e4t tune`` uses on a minifaces portrait: the domain's tuning defaults."""
+    from e4t_minifaces import minifaces_domain
+    from e4tcli.training.tune import TuneSettings
+
+    domain = minifaces_domain()
+    tune = domain.tune
+    return TuneSettings(
+        steps=tune.steps,
+        learning_rate=tune.learning_rate,
+        batch_size=tune.batch_size,
+        resolution=world.RESOLUTION,
+        lambda_emb=tune.lambda_emb,
+        lambda_weights=domain.lambda_weights,
+        seed=seed,
+        offset_learning_rate=tune.offset_learning_rate,
+        bias_learning_rate=tune.bias_learning_rate,
+        additive_rank=tune.additive_rank,
+        additive_learning_rate=tune.additive_learning_rate,
+    )
+
+
 def tuned_concept(
     w: World,
     identity,
