@@ -13,7 +13,7 @@ alone, as E4T-0 uses it). The held-out identities are never drawn.
     python bench/minifaces_meta.py --work .cache/meta --steps 300 --save-at 150,300
     python bench/minifaces_quality.py --weights .cache/meta/weights-300 --methods e4t-0,e4t-5 --per-attribute
 
-Each ``--save-at`` step writes a weights folder (links to the shipped base,
+Each ``--save-at`` step writes a weights folder (links to the start_world base,
 backbone and reader, and the meta-trained checkpoint in fp16) that
 ``bench/minifaces_quality.py --weights`` scores. A run started again with the
 same ``--work`` continues from its last saved step (the meta-optimizer's
@@ -52,9 +52,14 @@ def main(argv=None) -> int:
         help="score the other views on the face region alone (the domain's loss mask), not the whole image",
     )
     parser.add_argument(
-        "--checkpoint", type=Path, help="the domain checkpoint to start from (default: the shipped one)"
+        "--checkpoint", type=Path, help="the domain checkpoint to start from (default: the start_world one)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="draws the identities, the other views and their noise (the simulated tuning's seed is the step's)",
+    )
     parser.add_argument("--json", action="store_true", help="print this run's steps and saved folders as JSON")
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -75,19 +80,29 @@ def main(argv=None) -> int:
     from e4tcli.training.tune import tune_concept
 
     domain = minifaces_domain()
-    tune = domain.tune
     save_at = sorted({int(s) for s in args.save_at.split(",") if s} | {args.steps})
     args.work.mkdir(parents=True, exist_ok=True)
-    saved = sorted(int(p.name.removeprefix("weights-")) for p in args.work.glob("weights-*"))
-    start = saved[-1] if saved else 0
-    w = World(WEIGHTS, checkpoint=args.work / f"weights-{start}" / "checkpoint" if start else args.checkpoint)
-    model = w.e4t_model()
+    saved = [
+        int(p.parent.parent.name.removeprefix("weights-")) for p in args.work.glob("weights-*/checkpoint/config.json")
+    ]
+    start = max(saved, default=0)
+    start_world = World(WEIGHTS, checkpoint=args.work / f"weights-{start}" / "checkpoint" if start else args.checkpoint)
+    if any(name.startswith("biases.") for name in start_world.checkpoint.tensors):
+        parser.error("the checkpoint holds pre-trained bias changes, which this script does not meta-train")
+    model = start_world.e4t_model()
     scheduler = DDPMScheduler.from_config(model.base.scheduler_config)
     meta = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_trainable_parameters().items()}
     optimizer = torch.optim.AdamW(meta.values(), lr=args.meta_lr, weight_decay=0.0)
     layers = model.encoder_config.backbone_layers
-    log = (args.work / "meta.log").open("a")
-    records = []
+    log_path = args.work / "meta.log"
+    kept = (
+        [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        if log_path.exists()
+        else []
+    )
+    log_path.write_text("".join(line + "\n" for line in kept))  # steps after the last save are run again
+    log = log_path.open("a")
+    records, written = [], []
     started = time.perf_counter()
 
     def load_meta() -> None:
@@ -117,7 +132,7 @@ def main(argv=None) -> int:
 
     def loss_on(batch: Batch) -> torch.Tensor:
         with shared_factors(model.offsets):
-            return training_step(model, batch, scheduler, tune.lambda_emb, domain.lambda_weights).total
+            return training_step(model, batch, scheduler, domain.pretrain.lambda_emb, domain.lambda_weights).total
 
     def save(step: int) -> None:
         folder = args.work / f"weights-{step}"
@@ -125,7 +140,9 @@ def main(argv=None) -> int:
         for part in ("base", "backbone", "reader.safetensors"):
             if not (folder / part).exists():
                 (folder / part).symlink_to((WEIGHTS / part).resolve())
-        config = {k: v for k, v in w.checkpoint.config.items() if k not in ("format", "version", "fingerprint")}
+        config = {
+            k: v for k, v in start_world.checkpoint.config.items() if k not in ("format", "version", "fingerprint")
+        }
         config["meta"] = {**{k: str(v) for k, v in vars(args).items()}, "step": step}
         save_checkpoint(folder / "checkpoint", config, {k: v.detach().half() for k, v in meta.items()})
 
@@ -134,7 +151,7 @@ def main(argv=None) -> int:
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         identity = world.random_identity(rng)
         reference = world.portrait(identity)
-        features = backbone_features(w.backbone, [reference], layers).float()
+        features = backbone_features(start_world.backbone, [reference], layers).float()
         optimizer.zero_grad(set_to_none=True)
         load_meta()
         views = other_views(identity, features, generator, rng)
@@ -150,15 +167,15 @@ def main(argv=None) -> int:
         settings = default_tuning(seed=step)
         if args.inner_steps is not None:
             settings.steps = args.inner_steps
-        tuning = tune_concept(
+        tune_losses = tune_concept(
             model, reference, features, domain.prompt_templates, settings, scheduler, domain.loss_mask(reference)
         )
-        named = {k: v for k, v in model.named_trainable_parameters().items() if k in meta}
+        tuned = {k: v for k, v in model.named_trainable_parameters().items() if k in meta}
         for parameter in model.named_trainable_parameters().values():
             parameter.grad = None
         after = loss_on(views)
         after.backward()
-        for name, parameter in named.items():
+        for name, parameter in tuned.items():
             if parameter.grad is None:
                 continue
             meta[name].grad = parameter.grad.clone() if meta[name].grad is None else meta[name].grad + parameter.grad
@@ -171,18 +188,17 @@ def main(argv=None) -> int:
             "seconds": round(time.perf_counter() - started, 1),
             "before": round(float(before.detach()), 5),
             "after": round(float(after.detach()), 5),
-            "tune_first": round(tuning[0]["denoising"], 5),
-            "tune_last": round(tuning[-1]["denoising"], 5),
+            "tune_first": round(tune_losses[0]["denoising"], 5),
+            "tune_last": round(tune_losses[-1]["denoising"], 5),
         }
         print(json.dumps(record), file=log, flush=True)
         records.append(record)
         if step in save_at:
             save(step)
+            written.append(str(args.work / f"weights-{step}"))
     log.close()
     if args.json:
-        print(
-            json.dumps({"steps": records, "saved": [str(args.work / f"weights-{s}") for s in save_at]}), file=json_out
-        )
+        print(json.dumps({"steps": records, "saved": written}), file=json_out)
     else:
         print(f"meta-trained to step {args.steps}: weights-N folders and meta.log in {args.work}", file=sys.stderr)
     return 0

@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     apply_common_args(args)
     json_out = reserve_stdout_for_json(args.json)
+    if args.tune_optimizer == "warm" and (args.tune_timesteps != "uniform" or args.tune_rate_schedule != "constant"):
+        parser.error("--tune-optimizer warm measures the default tuning: use it without the other tuning levers")
     if args.tune_timesteps != "uniform":
         draw_tuning_timesteps(args.tune_timesteps)
     if args.tune_rate_schedule != "constant":

@@ -18,8 +18,8 @@ import torch
 class WarmAdam(torch.optim.Optimizer):
     """Adam whose second moment starts at ``second_moments[id(parameter)]`` (Adam's own where missing)."""
 
-    def __init__(self, param_groups, second_moments: dict[int, torch.Tensor], eps: float = 1e-8):
-        super().__init__(param_groups, {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "eps": eps})
+    def __init__(self, param_groups, second_moments: dict[int, torch.Tensor]):
+        super().__init__(param_groups, {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "eps": 1e-8})
         self.second_moments = second_moments
 
     @torch.no_grad()

@@ -148,20 +148,30 @@ def test_minifaces_meta_trains_the_domain_on_training_identities_and_resumes(tmp
     from e4tcli.io.checkpoint import load_checkpoint
 
     tiny = ("--views", "2", "--inner-steps", "1", "--save-at", "1", "--face-only", "--threads", "1")
-    first = run("minifaces_meta.py", "--work", str(tmp_path), "--steps", "2", *tiny)
-    assert [record["step"] for record in first["steps"]] == [1, 2]
-    resumed = run("minifaces_meta.py", "--work", str(tmp_path), "--steps", "3", *tiny)
-    assert [record["step"] for record in resumed["steps"]] == [3]  # continues after the last saved step
-    drawn = [world.Identity.from_index(r["identity"]) for r in first["steps"] + resumed["steps"]]
+    still = run("minifaces_meta.py", "--work", str(tmp_path), "--steps", "1", "--meta-lr", "0", *tiny)
+    resumed = run("minifaces_meta.py", "--work", str(tmp_path), "--steps", "2", *tiny)
+    assert [record["step"] for record in still["steps"] + resumed["steps"]] == [1, 2]  # continues after step 1
+    logged = [json.loads(line)["step"] for line in (tmp_path / "meta.log").read_text().splitlines()]
+    assert logged == [1, 2]
+    drawn = [world.Identity.from_index(r["identity"]) for r in still["steps"] + resumed["steps"]]
     assert not any(identity.held_out for identity in drawn)
 
     shipped = load_checkpoint(WEIGHTS / "checkpoint").tensors
     step1, step2 = (load_checkpoint(tmp_path / f"weights-{step}" / "checkpoint").tensors for step in (1, 2))
-    assert step1.keys() == shipped.keys()
+    assert step1.keys() == shipped.keys() == step2.keys()
+    assert all(torch.equal(step1[name], shipped[name]) for name in shipped)  # the domain's, not the tuned copy's
     for part in ("encoder.", "offsets."):
         names = [name for name in shipped if name.startswith(part)]
-        assert any(not torch.equal(step1[name], shipped[name]) for name in names)  # meta-trained
-        assert any(not torch.equal(step2[name], step1[name]) for name in names)
+        assert any(not torch.equal(step2[name], step1[name]) for name in names)  # meta-trained
+
+
+def test_minifaces_quality_tunes_with_the_warm_optimizer():
+    report = run(
+        "minifaces_quality.py",
+        *("--methods", "e4t-1", "--identities", "2", "--seeds-per-prompt", "1", "--sampling-steps", "2"),
+        *("--tune-optimizer", "warm", "--warm-identities", "1", "--threads", "1"),
+    )
+    assert [row["method"] for row in report["rows"]] == ["e4t-1"] and report["rows"][0]["tune_seconds"] > 0
 
 
 @pytest.mark.slow

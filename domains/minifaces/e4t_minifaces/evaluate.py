@@ -290,6 +290,7 @@ def run_fallback(w: World, identity, settings: EvalSettings, steps: int):
 def default_tuning(seed: int = 0):
     """The ``TuneSettings`` ``e4t tune`` uses on a minifaces portrait: the domain's tuning defaults."""
     from e4t_minifaces import minifaces_domain
+    from e4tcli.api.common import bias_rate
     from e4tcli.training.tune import TuneSettings
 
     domain = minifaces_domain()
@@ -303,7 +304,7 @@ def default_tuning(seed: int = 0):
         lambda_weights=domain.lambda_weights,
         seed=seed,
         offset_learning_rate=tune.offset_learning_rate,
-        bias_learning_rate=tune.bias_learning_rate,
+        bias_learning_rate=bias_rate(None, tune.bias_learning_rate),
         additive_rank=tune.additive_rank,
         additive_learning_rate=tune.additive_learning_rate,
     )
