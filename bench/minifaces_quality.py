@@ -63,35 +63,36 @@ def save_grid(path: Path, rows: list[list]) -> None:
 
 
 TUNE_TIMESTEPS = {
-    "uniform": (0.0, False),
-    "above-quarter": (0.25, False),
-    "above-half": (0.5, False),
-    "sqrt": (0.0, True),
-    "stratified": (0.0, False),
+    "uniform": (0.0, 1.0, False),
+    "above-quarter": (0.25, 1.0, False),
+    "above-half": (0.5, 1.0, False),
+    "below-half": (0.0, 0.5, False),
+    "sqrt": (0.0, 1.0, True),
+    "stratified": (0.0, 1.0, False),
 }
 
 
 def draw_tuning_timesteps(name: str) -> None:
-    """E4T's tuning steps draw t = low * T + v * (1 - low) * T, v uniform (or the square root of one, or one
+    """E4T's tuning steps draw t = low * T + v * (high - low) * T, v uniform (or the square root of one, or one
     from each of the batch's equal slices) in [0, 1), instead of uniform over [0, T): a lever, measured in
     docs/minifaces.md; pre-training is unchanged."""
     import torch
 
     import e4tcli.training.tune as tune
 
-    low, square_root = TUNE_TIMESTEPS[name]
+    low, high, square_root = TUNE_TIMESTEPS[name]
     step = tune.training_step
 
     def drawn(model, batch, noise_scheduler, lambda_emb, lambda_weights, generator=None):
         total = noise_scheduler.config.num_train_timesteps
-        start = int(low * total)
+        start, end = int(low * total), int(high * total)
         count = batch.latents.shape[0]
         v = torch.rand(count, generator=generator, device=batch.latents.device)
         v = v.sqrt() if square_root else v
         if name == "stratified":  # one draw from each of `count` equal slices of [0, T), in random order
             order = torch.randperm(count, generator=generator, device=batch.latents.device)
             v = (order + v) / count
-        batch.timesteps = (start + v * (total - start)).long().clamp(max=total - 1)
+        batch.timesteps = (start + v * (end - start)).long().clamp(max=total - 1)
         return step(model, batch, noise_scheduler, lambda_emb, lambda_weights, generator)
 
     tune.training_step = drawn
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         choices=list(TUNE_TIMESTEPS),
         default="uniform",
         help="a lever: E4T's tuning draws its timesteps over all of [0, T) (e4t tune's), above T/4, above T/2, "
-        "as T * sqrt(u), or one from each of a batch's equal slices of [0, T)",
+        "below T/2, as T * sqrt(u), or one from each of a batch's equal slices of [0, T)",
     )
     parser.add_argument(
         "--tune-rate-schedule",

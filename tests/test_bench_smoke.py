@@ -217,3 +217,23 @@ def test_warm_adam_moves_a_parameter_by_its_gradient_against_the_usual_one():
     optimizer.step()
     assert torch.allclose(usual.detach(), torch.full((3,), -0.1), rtol=1e-3)  # Adam's first step: -lr
     assert torch.allclose(quiet.detach(), torch.full((3,), -0.01), rtol=1e-3)  # Adam would also move it by -lr
+
+
+@pytest.mark.parametrize("lever, low, high", [("below-half", 0, 500), ("above-half", 500, 1000), ("uniform", 0, 1000)])
+def test_tuning_timestep_lever_draws_over_its_range(monkeypatch, lever, low, high):
+    from types import SimpleNamespace
+
+    import e4tcli.training.tune as tune
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from minifaces_quality import draw_tuning_timesteps
+
+    drawn = []
+    monkeypatch.setattr(tune, "training_step", lambda model, batch, *args: drawn.append(batch.timesteps))
+    draw_tuning_timesteps(lever)
+    batch = SimpleNamespace(latents=torch.zeros(256, 4, 2, 2), timesteps=None)
+    scheduler = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000))
+    tune.training_step(None, batch, scheduler, 0.0, 0.0, torch.Generator().manual_seed(0))
+    (timesteps,) = drawn
+    assert low <= int(timesteps.min()) and int(timesteps.max()) < high
+    assert int(timesteps.max()) - int(timesteps.min()) > 0.9 * (high - low)  # the whole range, not a corner
